@@ -1,0 +1,180 @@
+"""Validation and encoding of what ``publish`` is given. Pure functions, no I/O.
+
+Everything is checked and encoded before any SQL runs, so bad input never reaches the
+caller's transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import decimal
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ._errors import ConfigurationError, InvalidMessageError, PayloadTooLargeError
+
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+BINARY = "application/octet-stream"
+
+MAX_TOPIC_LENGTH = 255
+MAX_IDEMPOTENCY_KEY_LENGTH = 512
+DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
+RESERVED_HEADERS = frozenset({"idempotency-key", "outbox-message-id", "outbox-topic"})
+_BAD_TOPIC_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_UTC_Z
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedMessage:
+    """A message ready for ``enqueue``: every field already in its stored form."""
+
+    topic: str
+    payload: bytes
+    content_type: str
+    key: bytes | None
+    headers: bytes
+    idempotency_key: str | None
+
+
+def encode_message(
+    topic: object,
+    payload: object,
+    key: object,
+    headers: object,
+    idempotency_key: object,
+    max_payload_bytes: int,
+) -> EncodedMessage:
+    """Validate every argument of ``publish`` and return the stored form."""
+    body, content_type = encode_payload(payload)
+    if len(body) > max_payload_bytes:
+        raise PayloadTooLargeError(
+            f"payload is {len(body)} bytes, over the limit of {max_payload_bytes} bytes"
+        )
+    return EncodedMessage(
+        topic=check_topic(topic),
+        payload=body,
+        content_type=content_type,
+        key=encode_key(key),
+        headers=encode_headers(headers),
+        idempotency_key=check_idempotency_key(idempotency_key),
+    )
+
+
+def check_topic(topic: object) -> str:
+    if not isinstance(topic, str):
+        raise InvalidMessageError(f"topic must be a str, got {type(topic).__name__}")
+    if not topic:
+        raise InvalidMessageError("topic must not be empty")
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise InvalidMessageError(f"topic is longer than {MAX_TOPIC_LENGTH} characters")
+    if _BAD_TOPIC_CHARS.search(topic):
+        raise InvalidMessageError(f"topic {topic!r} contains whitespace or control characters")
+    return topic
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+def encode_payload(payload: object) -> tuple[bytes, str]:
+    """Return the payload bytes and their content type."""
+    if isinstance(payload, dict | list):
+        try:
+            return orjson.dumps(payload, default=_json_default, option=_JSON_OPTIONS), JSON
+        except orjson.JSONEncodeError as exc:
+            raise InvalidMessageError(f"payload is not JSON-serializable: {exc}") from exc
+    if isinstance(payload, str):
+        try:
+            return payload.encode("utf-8"), TEXT
+        except UnicodeEncodeError as exc:
+            raise InvalidMessageError(f"payload str is not valid UTF-8: {exc}") from exc
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload), BINARY
+    raise InvalidMessageError(
+        f"payload must be a dict, list, str or bytes, got {type(payload).__name__}"
+    )
+
+
+def encode_key(key: object) -> bytes | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        return key.encode("utf-8")
+    if isinstance(key, bytes | bytearray | memoryview):
+        return bytes(key)
+    raise InvalidMessageError(f"key must be a str, bytes or None, got {type(key).__name__}")
+
+
+def encode_headers(headers: object) -> bytes:
+    """Headers are stored as a JSON object; bytes values as ``{"b64": "..."}``."""
+    if headers is None:
+        return b"{}"
+    if not isinstance(headers, Mapping):
+        raise InvalidMessageError(
+            f"headers must be a mapping of str to str or bytes, got {type(headers).__name__}"
+        )
+    stored: dict[str, object] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidMessageError(f"header names must be non-empty str, got {name!r}")
+        if name.lower() in RESERVED_HEADERS:
+            raise InvalidMessageError(f"header {name!r} is reserved: the relay sets it")
+        stored[name] = _encode_header_value(name, value)
+    return orjson.dumps(stored)
+
+
+def _encode_header_value(name: str, value: object) -> object:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"b64": base64.b64encode(bytes(value)).decode("ascii")}
+    raise InvalidMessageError(
+        f"header {name!r} must be str or bytes, got {type(value).__name__}"
+    )
+
+
+def decode_headers(stored: Mapping[str, object]) -> list[tuple[str, bytes]]:
+    """Inverse of :func:`encode_headers`, as (name, bytes) pairs for a sink."""
+    pairs: list[tuple[str, bytes]] = []
+    for name, value in stored.items():
+        if isinstance(value, str):
+            pairs.append((name, value.encode("utf-8")))
+        elif isinstance(value, Mapping) and isinstance(value.get("b64"), str):
+            pairs.append((name, base64.b64decode(value["b64"])))
+    return pairs
+
+
+def check_idempotency_key(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidMessageError(
+            f"idempotency_key must be a str or None, got {type(value).__name__}"
+        )
+    if not value:
+        raise InvalidMessageError("idempotency_key must not be empty")
+    if len(value) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise InvalidMessageError(
+            f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
+        )
+    return value
+
+
+def check_schema_name(schema: object) -> str:
+    """Schema names are plain identifiers; anything else is refused up front."""
+    if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+        raise ConfigurationError(
+            f"schema must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*, at most 63), "
+            f"got {schema!r}"
+        )
+    return schema

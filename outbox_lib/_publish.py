@@ -1,0 +1,230 @@
+"""``publish`` and ``publish_async``: write a message in the caller's transaction.
+
+One code path serves the four SQLAlchemy entry points (``Session``, ``Connection``,
+``AsyncSession``, ``AsyncConnection``): validation and encoding happen first, then a single
+call to the ``enqueue`` SQL function, which the SQL ``publish`` function uses too.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, LargeBinary, String, TextClause, bindparam, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
+from sqlalchemy.orm import Session, scoped_session
+
+from ._encoding import DEFAULT_MAX_PAYLOAD_BYTES, EncodedMessage, check_schema_name, encode_message
+from ._errors import (
+    ConfigurationError,
+    InvalidMessageError,
+    OutboxError,
+    PayloadTooLargeError,
+    SchemaNotMigratedError,
+    UnsupportedSessionError,
+)
+from ._sqlfiles import load_queries, with_schema
+
+Headers = Mapping[str, str | bytes]
+SyncTarget = Session | Connection | scoped_session[Any]
+AsyncTarget = AsyncSession | AsyncConnection | async_scoped_session[Any]
+
+# SQLSTATEs that mean "the outbox schema or its functions are not there".
+_NOT_MIGRATED = {"3F000", "42883", "42P01"}
+# SQLSTATEs the enqueue/publish functions raise for bad input.
+_BAD_INPUT = {"22023", "22004", "22P02"}
+_TOO_LARGE = "54000"
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """Publisher settings: the schema the outbox lives in and the payload size limit.
+
+    The module-level :func:`publish` uses ``Outbox()``; build your own to change either::
+
+        outbox = Outbox(schema="billing_outbox", max_payload_bytes=256 * 1024)
+        outbox.publish(session, "invoices.issued", {"invoice": 12})
+    """
+
+    schema: str = "outbox"
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    _statement: TextClause = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_schema_name(self.schema)
+        if not isinstance(self.max_payload_bytes, int) or self.max_payload_bytes <= 0:
+            raise ConfigurationError("max_payload_bytes must be a positive int")
+        object.__setattr__(self, "_statement", _enqueue_statement(self.schema))
+
+    def publish(
+        self,
+        session: SyncTarget,
+        topic: str,
+        payload: object,
+        *,
+        key: str | bytes | None = None,
+        headers: Headers | None = None,
+        idempotency_key: str | None = None,
+    ) -> uuid.UUID:
+        """Write a message in ``session``'s current transaction and return its id.
+
+        Nothing is committed: the message is delivered if and only if the caller commits.
+        """
+        if not isinstance(session, Session | Connection | scoped_session):
+            raise _unsupported(session, "publish_async" if _is_async(session) else None)
+        _check_dialect(session.get_bind() if not isinstance(session, Connection) else session)
+        params = self._params(topic, payload, key, headers, idempotency_key)
+        try:
+            value = session.execute(self._statement, params).scalar_one()
+        except DBAPIError as exc:
+            raise _translate(exc) from exc
+        return _as_uuid(value)
+
+    async def publish_async(
+        self,
+        session: AsyncTarget,
+        topic: str,
+        payload: object,
+        *,
+        key: str | bytes | None = None,
+        headers: Headers | None = None,
+        idempotency_key: str | None = None,
+    ) -> uuid.UUID:
+        """Async twin of :meth:`publish` for ``AsyncSession`` and ``AsyncConnection``."""
+        if not isinstance(session, AsyncSession | AsyncConnection | async_scoped_session):
+            raise _unsupported(session, "publish" if _is_sync(session) else None)
+        bind = session.sync_connection if isinstance(session, AsyncConnection) else None
+        _check_dialect(bind if bind is not None else session.get_bind())
+        params = self._params(topic, payload, key, headers, idempotency_key)
+        try:
+            result = await session.execute(self._statement, params)
+        except DBAPIError as exc:
+            raise _translate(exc) from exc
+        return _as_uuid(result.scalar_one())
+
+    def _params(
+        self, topic: object, payload: object, key: object, headers: object, idem: object
+    ) -> dict[str, object]:
+        msg = encode_message(topic, payload, key, headers, idem, self.max_payload_bytes)
+        return _bind_values(msg)
+
+
+def _enqueue_statement(schema: str) -> TextClause:
+    statement = with_schema(load_queries("outbox_lib", "_sql/queries.sql")["enqueue"], schema)
+    return text(statement.as_string(None)).bindparams(
+        bindparam("topic", type_=String),
+        bindparam("payload", type_=LargeBinary),
+        bindparam("content_type", type_=String),
+        bindparam("msg_key", type_=LargeBinary),
+        bindparam("headers", type_=String),
+        bindparam("idempotency_key", type_=String),
+    )
+
+
+def _bind_values(msg: EncodedMessage) -> dict[str, object]:
+    return {
+        "topic": msg.topic,
+        "payload": msg.payload,
+        "content_type": msg.content_type,
+        "msg_key": msg.key,
+        "headers": msg.headers.decode("utf-8"),
+        "idempotency_key": msg.idempotency_key,
+    }
+
+
+def _is_async(obj: object) -> bool:
+    return isinstance(obj, AsyncSession | AsyncConnection | async_scoped_session)
+
+
+def _is_sync(obj: object) -> bool:
+    return isinstance(obj, Session | Connection | scoped_session)
+
+
+def _unsupported(obj: object, other: str | None) -> UnsupportedSessionError:
+    hint = f"; use outbox_lib.{other}() for this one" if other else ""
+    return UnsupportedSessionError(
+        f"expected a SQLAlchemy Session or Connection, got {type(obj).__name__}{hint}"
+    )
+
+
+def _check_dialect(bind: object) -> None:
+    dialect = getattr(getattr(bind, "dialect", None), "name", None)
+    if dialect != "postgresql":
+        raise UnsupportedSessionError(
+            f"the outbox needs PostgreSQL, but this session is bound to {dialect or 'nothing'}"
+        )
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    for attr in ("sqlstate", "pgcode"):
+        value = getattr(orig, attr, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _translate(exc: DBAPIError) -> OutboxError | DBAPIError:
+    state = _sqlstate(exc)
+    detail = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+    if state in _NOT_MIGRATED:
+        return SchemaNotMigratedError(
+            f"the outbox schema is missing from this database ({detail}); "
+            "run `outbox-relay migrate` first"
+        )
+    if state == _TOO_LARGE:
+        return PayloadTooLargeError(detail)
+    if state in _BAD_INPUT:
+        return InvalidMessageError(detail)
+    return exc
+
+
+def _as_uuid(value: object) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+_DEFAULT = Outbox()
+
+
+def publish(
+    session: SyncTarget,
+    topic: str,
+    payload: object,
+    *,
+    key: str | bytes | None = None,
+    headers: Headers | None = None,
+    idempotency_key: str | None = None,
+) -> uuid.UUID:
+    """Write a message to the ``outbox`` schema in ``session``'s current transaction.
+
+    ``session`` is a SQLAlchemy ``Session`` or ``Connection``. The message is delivered if and
+    only if that transaction commits; ``publish`` never commits. Returns the message id::
+
+        with Session(engine) as session, session.begin():
+            session.add(Order(id=7))
+            outbox_lib.publish(session, "orders.created", {"order_id": 7}, key="7")
+
+    Publishing again with the same topic and ``idempotency_key`` returns the first message's id
+    and delivers nothing new.
+    """
+    return _DEFAULT.publish(
+        session, topic, payload, key=key, headers=headers, idempotency_key=idempotency_key
+    )
+
+
+async def publish_async(
+    session: AsyncTarget,
+    topic: str,
+    payload: object,
+    *,
+    key: str | bytes | None = None,
+    headers: Headers | None = None,
+    idempotency_key: str | None = None,
+) -> uuid.UUID:
+    """:func:`publish` for ``AsyncSession`` and ``AsyncConnection``."""
+    return await _DEFAULT.publish_async(
+        session, topic, payload, key=key, headers=headers, idempotency_key=idempotency_key
+    )

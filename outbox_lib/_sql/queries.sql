@@ -1,0 +1,7 @@
+-- SQL that outbox_lib runs inside the application's own transaction.
+-- {schema} is replaced by the quoted schema identifier.
+
+-- name: enqueue
+SELECT {schema}.enqueue(
+    :topic, :payload, :content_type, :msg_key, CAST(:headers AS jsonb), :idempotency_key
+)

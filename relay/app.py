@@ -1,0 +1,118 @@
+"""Wire settings into a running relay: store, sinks, engine, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Callable
+
+from outbox_lib import DatabaseUnavailableError, SchemaNotMigratedError
+from psycopg_pool import PoolTimeout
+
+from .backoff import Backoff
+from .config import Route, Settings
+from .db import redact, to_libpq
+from .engine import Engine, RouteRuntime, Stats
+from .errors import ConfigError
+from .sinks.base import Sink
+from .sinks.kafka import KafkaSink
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def new_relay_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def build_routes(settings: Settings) -> list[RouteRuntime]:
+    """One runtime per route; every Kafka route shares one producer."""
+    routes = settings.effective_routes()
+    if not routes:
+        raise ConfigError(
+            "no routes: set OUTBOX_KAFKA_BOOTSTRAP_SERVERS (every topic to Kafka) "
+            "or add [[routes]] to the config file"
+        )
+    kafka: KafkaSink | None = None
+    runtimes = []
+    for route in routes:
+        if route.sink != "kafka":
+            raise ConfigError(f"route {route.name!r}: the {route.sink} sink is not available yet")
+        kafka = kafka or KafkaSink(settings.producer_config())
+        runtimes.append(_runtime(route, kafka))
+    return runtimes
+
+
+def _runtime(route: Route, sink: Sink) -> RouteRuntime:
+    return RouteRuntime(route, sink, Backoff(route.first_backoff, route.max_backoff))
+
+
+async def open_store(settings: Settings, relay_id: str) -> Store:
+    url = settings.require_database_url()
+    store = Store.create(to_libpq(url), settings.schema, relay_id)
+    try:
+        await store.open(timeout=30.0)
+    except PoolTimeout as exc:
+        await store.close()
+        raise DatabaseUnavailableError(
+            f"cannot connect to the database {redact(url)} (gave up after 30 s)"
+        ) from exc
+    if await _schema_version(store) is None:
+        await store.close()
+        raise SchemaNotMigratedError(
+            f"schema {settings.schema!r} has no outbox tables; run `outbox-relay migrate` first"
+        )
+    return store
+
+
+async def _schema_version(store: Store) -> int | None:
+    import psycopg
+
+    try:
+        return await store.schema_version()
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
+async def run_relay(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    on_start: Callable[[Engine], None] | None = None,
+) -> Stats:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is not given)."""
+    routes = build_routes(settings)
+    relay_id = new_relay_id()
+    store = await open_store(settings, relay_id)
+    engine = Engine(settings, store, routes)
+    stop = stop or _stop_on_signals(engine, settings.shutdown_grace)
+    log.info("relay %s started: %d route(s), schema %s", relay_id, len(routes), settings.schema)
+    if on_start:
+        on_start(engine)
+    try:
+        await engine.run(stop, to_libpq(settings.require_database_url()))
+    finally:
+        await store.close()
+    log.info("relay %s stopped: %d delivered, %d dead-lettered",
+             relay_id, engine.stats.delivered, engine.stats.dead)
+    return engine.stats
+
+
+def _stop_on_signals(engine: Engine, grace: float) -> asyncio.Event:
+    """SIGTERM/SIGINT: stop claiming; after ``grace`` seconds, abort in-flight sends."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            return
+        log.info("received %s: finishing in-flight work", signal.Signals(signum).name)
+        stop.set()
+        loop.call_later(grace, lambda: [r.sink.abort() for r in engine.routes])
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return stop

@@ -1,0 +1,341 @@
+"""The relay's settings: one typed object built once, at the edge, from flags > env > TOML.
+
+Every scalar setting is declared once in :data:`OPTIONS`; the CLI flags, the ``OUTBOX_*``
+variables, the TOML keys and the configuration reference are all derived from that table.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from outbox_lib._encoding import check_schema_name
+
+from .durations import parse_duration
+from .errors import ConfigError
+
+SinkKind = Literal["kafka", "webhook"]
+ProducerValue = str | int | float | bool
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be a positive duration")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be one of debug, info, warning, error")
+    return level
+
+
+def _log_format(text: str) -> str:
+    if text not in {"text", "json"}:
+        raise ValueError("must be text or json")
+    return text
+
+
+def _schema(text: str) -> str:
+    try:
+        return check_schema_name(text)
+    except ValueError as exc:
+        raise ValueError("must be a plain SQL identifier") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One scalar setting: its attribute, parser, default and help."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "OUTBOX_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("database_url", str, None, "PostgreSQL URL (libpq or SQLAlchemy form)"),
+    Option("schema", _schema, "outbox", "schema holding the outbox tables"),
+    Option("kafka_bootstrap_servers", str, None, "Kafka bootstrap servers (host:port,...)"),
+    Option("metrics_port", _port, None, "port serving /metrics, /healthz and /readyz"),
+    Option("batch_size", _positive_int, 1000, "messages claimed per batch"),
+    Option("lease_seconds", _seconds, 120.0, "how long a claim is held before others may retry it"),
+    Option("poll_interval", _seconds, 1.0, "longest sleep between claims when NOTIFY is quiet"),
+    Option("shutdown_grace", _seconds, 10.0, "time given to in-flight sends on SIGTERM"),
+    Option("log_level", _log_level, "INFO", "debug, info, warning or error"),
+    Option("log_format", _log_format, "text", "text or json"),
+)
+OPTION_BY_NAME = {option.name: option for option in OPTIONS}
+
+# librdkafka defaults chosen for an outbox: no duplicates from retries, keep order, survive
+# long outages without failing messages, batch on the wire.
+KAFKA_PRODUCER_DEFAULTS: Mapping[str, ProducerValue] = {
+    "enable.idempotence": True,
+    "acks": "all",
+    "max.in.flight.requests.per.connection": 5,
+    "linger.ms": 10,
+    "batch.num.messages": 10000,
+    "compression.type": "lz4",
+    "message.timeout.ms": 60000,
+    "queue.buffering.max.messages": 500000,
+    "queue.buffering.max.kbytes": 1048576,
+    "partitioner": "murmur2_random",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where messages whose topic matches ``topics`` (glob patterns) are sent."""
+
+    name: str
+    topics: tuple[str, ...]
+    sink: SinkKind
+    kafka_topic: str | None = None
+    url: str | None = None
+    secret: str | None = field(default=None, repr=False)
+    timeout_s: float = 10.0
+    max_attempts: int = 12
+    backoff_initial_s: float | None = None
+    backoff_max_s: float | None = None
+    allow_private_network: bool = False
+
+    @property
+    def first_backoff(self) -> float:
+        """First retry delay; Kafka retries sooner by default than webhooks."""
+        if self.backoff_initial_s is not None:
+            return float(self.backoff_initial_s)
+        return 0.5 if self.sink == "kafka" else 5.0
+
+    @property
+    def max_backoff(self) -> float:
+        if self.backoff_max_s is not None:
+            return float(self.backoff_max_s)
+        return 60.0 if self.sink == "kafka" else 36000.0
+
+    def matches(self, topic: str) -> bool:
+        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.topics)
+
+    def target_topic(self, topic: str) -> str:
+        """The Kafka topic a message of outbox topic ``topic`` goes to."""
+        return self.kafka_topic or topic
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``outbox-relay`` needs, validated."""
+
+    database_url: str | None = None
+    schema: str = "outbox"
+    kafka_bootstrap_servers: str | None = None
+    metrics_port: int | None = None
+    batch_size: int = 1000
+    lease_seconds: float = 120.0
+    poll_interval: float = 1.0
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+    kafka_producer: Mapping[str, ProducerValue] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError("no database URL: pass --database-url or set OUTBOX_DATABASE_URL")
+        return self.database_url
+
+    def effective_routes(self) -> tuple[Route, ...]:
+        """Configured routes, or the contract's default: every topic to Kafka, same name."""
+        if self.routes:
+            return self.routes
+        if self.kafka_bootstrap_servers:
+            return (Route(name="kafka", topics=("*",), sink="kafka"),)
+        return ()
+
+    def producer_config(self) -> dict[str, ProducerValue]:
+        """librdkafka properties: our defaults, then the file's ``[kafka.producer]``."""
+        config: dict[str, ProducerValue] = dict(KAFKA_PRODUCER_DEFAULTS)
+        config.update(self.kafka_producer)
+        if self.kafka_bootstrap_servers:
+            config["bootstrap.servers"] = self.kafka_bootstrap_servers
+        return config
+
+
+def load_settings(
+    flags: Mapping[str, Any], env: Mapping[str, str], config_path: str | None = None
+) -> Settings:
+    """Merge TOML file < environment < flags into :class:`Settings`.
+
+    ``flags`` holds already-typed values (argparse parsed them); ``None`` means "not given".
+    """
+    path = config_path or env.get("OUTBOX_CONFIG")
+    document = _read_toml(Path(path)) if path else {}
+    values: dict[str, Any] = {}
+    values.update(_scalars_from_file(document))
+    values.update(_scalars_from_env(env))
+    values.update({k: v for k, v in flags.items() if k in OPTION_BY_NAME and v is not None})
+    kafka = document.get("kafka", {})
+    if "bootstrap_servers" in kafka and "kafka_bootstrap_servers" not in values:
+        values["kafka_bootstrap_servers"] = _file_str(kafka, "bootstrap_servers", "kafka")
+    values["kafka_producer"] = _producer_props(kafka.get("producer", {}))
+    values["routes"] = _routes(document.get("routes", []))
+    settings = Settings(**values)
+    _check_routes(settings)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+    unknown = set(document) - set(OPTION_BY_NAME) - {"kafka", "routes"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key {sorted(unknown)[0]!r}")
+    return document
+
+
+def _scalars_from_file(document: Mapping[str, Any]) -> dict[str, Any]:
+    values = {}
+    for name, option in OPTION_BY_NAME.items():
+        if name in document:
+            values[name] = _parse(option, str(document[name]), f"config key {name!r}")
+    return values
+
+
+def _scalars_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for option in OPTIONS:
+        raw = env.get(option.env)
+        if raw is not None and raw != "":
+            values[option.name] = _parse(option, raw, option.env)
+    return values
+
+
+def _parse(option: Option, raw: str, source: str) -> Any:
+    try:
+        return option.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {raw!r} is invalid: {_reason(exc)}") from exc
+
+
+def _reason(exc: ValueError) -> str:
+    text = str(exc)
+    return "expected a number" if text.startswith(("invalid literal", "could not convert")) else text
+
+
+def argparse_type(option: Option) -> Callable[[str], Any]:
+    """A flag parser whose error text argparse prints in its one-line message."""
+
+    def parse(raw: str) -> Any:
+        try:
+            return option.parse(raw)
+        except ValueError as exc:
+            raise ValueError(_reason(exc)) from exc
+
+    parse.__name__ = option.name.replace("_", " ")
+    return parse
+
+
+def _file_str(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = table[key]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"config [{where}] {key}: expected a non-empty string")
+    return value
+
+
+def _producer_props(table: Any) -> dict[str, ProducerValue]:
+    if not isinstance(table, Mapping):
+        raise ConfigError("config [kafka.producer] must be a table of librdkafka properties")
+    props: dict[str, ProducerValue] = {}
+    for key, value in table.items():
+        if not isinstance(value, str | int | float | bool):
+            raise ConfigError(f"config [kafka.producer] {key!r}: expected a string, number or bool")
+        props[str(key)] = value
+    return props
+
+
+_ROUTE_KEYS = {
+    "name", "topics", "sink", "kafka_topic", "url", "secret", "timeout_s", "max_attempts",
+    "backoff_initial_s", "backoff_max_s", "allow_private_network",
+}  # fmt: skip
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _routes(tables: Any) -> tuple[Route, ...]:
+    if not isinstance(tables, list):
+        raise ConfigError("config: routes must be an array of tables ([[routes]])")
+    routes = tuple(_route(index, table) for index, table in enumerate(tables))
+    names = [route.name for route in routes]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise ConfigError(f"config: two routes are named {duplicate!r}")
+    return routes
+
+
+def _route(index: int, table: Any) -> Route:
+    where = f"config [[routes]] #{index + 1}"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = set(table) - _ROUTE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    name = table.get("name")
+    if not isinstance(name, str) or not _ROUTE_NAME.match(name):
+        raise ConfigError(f"{where}: name must be letters, digits, '.', '_' or '-'")
+    where = f"config route {name!r}"
+    topics = table.get("topics")
+    if not isinstance(topics, list) or not topics or not all(
+        isinstance(t, str) and t for t in topics
+    ):
+        raise ConfigError(f"{where}: topics must be a non-empty list of glob patterns")
+    sink = table.get("sink")
+    if sink not in ("kafka", "webhook"):
+        raise ConfigError(f"{where}: sink must be 'kafka' or 'webhook', got {sink!r}")
+    try:
+        return Route(topics=tuple(topics), **{k: v for k, v in table.items() if k != "topics"})
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _check_routes(settings: Settings) -> None:
+    for route in settings.routes:
+        if route.sink == "kafka" and not settings.kafka_bootstrap_servers:
+            raise ConfigError(
+                f"route {route.name!r} sends to Kafka but no bootstrap servers are set "
+                "([kafka] bootstrap_servers or OUTBOX_KAFKA_BOOTSTRAP_SERVERS)"
+            )
+        if route.sink == "webhook" and not route.url:
+            raise ConfigError(f"route {route.name!r}: a webhook route needs a url")

@@ -1,0 +1,61 @@
+"""Database URLs and connections.
+
+Both URL forms of the contract are accepted: libpq (``postgresql://user@host/db``,
+``?host=/socket/dir``) and SQLAlchemy (``postgresql+psycopg://...``). Passwords never leave
+this module: :func:`redact` is what logs and errors show.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from outbox_lib import DatabaseUnavailableError
+
+from .errors import ConfigError
+
+_SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.IGNORECASE)
+
+
+def to_libpq(url: str) -> str:
+    """Normalise a SQLAlchemy or libpq URL to what psycopg accepts."""
+    match = _SCHEME.match(url)
+    if not match:
+        raise ConfigError(
+            f"database URL {redact(url)!r} must start with postgresql:// "
+            "(or postgresql+psycopg://)"
+        )
+    return "postgresql://" + url[match.end() :]
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def describe_connect_error(url: str, exc: psycopg.Error) -> DatabaseUnavailableError:
+    """A one-line, password-free error for a failed connection."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    password = urlsplit(url).password
+    if password:
+        first = first.replace(password, "***")
+    return DatabaseUnavailableError(f"cannot connect to the database {redact(url)}: {first}")
+
+
+def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
+    """A synchronous connection for CLI commands, with errors made readable."""
+    libpq = to_libpq(url)
+    try:
+        return psycopg.connect(libpq, autocommit=autocommit, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise describe_connect_error(url, exc) from exc

@@ -1,0 +1,242 @@
+"""The claim loop: wake, claim a batch, send it to every matching route, record, repeat.
+
+Two passes share the loop. The *first pass* claims messages that were never attempted and
+sends each to all its routes at once; this is the hot path and touches only ``message``.
+The *retry pass* claims ``route_pending`` rows that are due again. Per-key order on a route
+holds because a message queues ("parks") behind any earlier pending work of its key on that
+route, and claims never pass an earlier message of the same key that is leased or not due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg_pool import PoolTimeout
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from .backoff import Backoff
+from .config import Route, Settings
+from .plan import (
+    RecordPlan,
+    Verdict,
+    parked,
+    plan_first_pass,
+    plan_retry_pass,
+    verdict,
+)
+from .sinks.base import Failed, Outbound, Result, Sink
+from .store import Store, listen
+
+log = logging.getLogger(__name__)
+
+DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+_OUTAGE_BACKOFF = Backoff(initial=0.5, maximum=30.0)
+
+
+@dataclass
+class RouteRuntime:
+    """A route with its sink, retry schedule and outage pause."""
+
+    route: Route
+    sink: Sink
+    backoff: Backoff
+    failures: int = 0
+    paused_until: float = 0.0
+
+    def pause_left(self) -> float:
+        return max(0.0, self.paused_until - time.monotonic())
+
+    def observe(self, results: Sequence[Result]) -> None:
+        """Pause the route while its sink is unreachable; resume on the first success."""
+        if any(isinstance(r, Failed) and r.kind == "unavailable" for r in results):
+            self.failures += 1
+            self.paused_until = time.monotonic() + _OUTAGE_BACKOFF.delay(self.failures)
+        elif results:
+            self.failures = 0
+            self.paused_until = 0.0
+
+
+@dataclass
+class Stats:
+    """Running totals, for logs and the demo's progress bar."""
+
+    delivered: int = 0
+    dead: int = 0
+    batches: int = 0
+    claimed: int = 0
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    store: Store
+    routes: list[RouteRuntime]
+    stats: Stats = field(default_factory=Stats)
+
+    def _routes_for(self, topic: str) -> list[RouteRuntime]:
+        return [r for r in self.routes if r.route.matches(topic)]
+
+    async def run(self, stop: asyncio.Event, conninfo: str) -> None:
+        """Drain until ``stop`` is set, then hand back anything still held."""
+        wake = asyncio.Event()
+        listener = asyncio.create_task(listen(conninfo, self.store.schema, wake, stop))
+        failures = 0
+        try:
+            while not stop.is_set():
+                wake.clear()
+                try:
+                    handled = await self.step()
+                    failures = 0
+                except DB_ERRORS as exc:
+                    failures += 1
+                    log.warning("database unavailable (%s); retrying", _one_line(exc))
+                    await _wait_any(stop, None, _OUTAGE_BACKOFF.delay(failures))
+                    continue
+                if handled < self.settings.batch_size:
+                    await _wait_any(stop, wake, await self._idle_timeout())
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+            await self._shutdown()
+
+    async def _idle_timeout(self) -> float:
+        timeout = self.settings.poll_interval
+        paused = [r.pause_left() for r in self.routes if r.pause_left() > 0]
+        if paused and len(paused) == len(self.routes):
+            return min(paused)
+        try:
+            due = await self.store.seconds_until_due()
+        except DB_ERRORS:
+            return timeout
+        return timeout if due is None else min(timeout, max(due, 0.01))
+
+    async def step(self) -> int:
+        """One batch of each pass; returns how many (message, route) items were handled."""
+        active = [r for r in self.routes if r.pause_left() == 0]
+        if self.routes and not active:
+            return 0
+        lease = self.settings.lease_seconds
+        first = await self.store.claim_first_pass(self.settings.batch_size, lease)
+        if first:
+            await self._first_pass(first)
+        names = [r.route.name for r in active]
+        retry = await self.store.claim_retry_pass(self.settings.batch_size, lease, names)
+        if retry:
+            await self._retry_pass(retry)
+        self.stats.batches += 1
+        self.stats.claimed += len(first) + len(retry)
+        return max(len(first), len(retry))
+
+    async def _first_pass(self, messages: list[Outbound]) -> None:
+        blocked = await self.store.blocked_keys(messages)
+        routes_of: dict[int, list[str]] = {}
+        verdicts: dict[tuple[int, str], Verdict] = {}
+        to_send: dict[str, list[Outbound]] = {}
+        for message in messages:
+            matched = self._routes_for(message.topic)
+            routes_of[message.seq] = [r.route.name for r in matched]
+            for runtime in matched:
+                name = runtime.route.name
+                if message.key is not None and (name, message.topic, message.key) in blocked:
+                    verdicts[(message.seq, name)] = parked()
+                elif runtime.pause_left() > 0:
+                    verdicts[(message.seq, name)] = self._judge(runtime, message, _PAUSED)
+                else:
+                    to_send.setdefault(name, []).append(message)
+        for name, batch_results in await self._send_all(to_send):
+            runtime = self._runtime(name)
+            for message, result in batch_results:
+                verdicts[(message.seq, name)] = self._judge(runtime, message, result)
+        await self._record(plan_first_pass(messages, verdicts, routes_of))
+
+    async def _retry_pass(self, claimed: list[tuple[Outbound, str]]) -> None:
+        to_send: dict[str, list[Outbound]] = {}
+        for message, name in claimed:
+            to_send.setdefault(name, []).append(message)
+        by_item: dict[tuple[int, str], Verdict] = {}
+        for name, batch_results in await self._send_all(to_send):
+            runtime = self._runtime(name)
+            for message, result in batch_results:
+                by_item[(message.seq, name)] = self._judge(runtime, message, result)
+        verdicts = [by_item[(m.seq, n)] for m, n in claimed]
+        await self._record(plan_retry_pass(claimed, verdicts))
+
+    def _runtime(self, name: str) -> RouteRuntime:
+        return next(r for r in self.routes if r.route.name == name)
+
+    async def _send_all(
+        self, to_send: dict[str, list[Outbound]]
+    ) -> list[tuple[str, list[tuple[Outbound, Result]]]]:
+        names = list(to_send)
+        sent = await asyncio.gather(*(self._send(self._runtime(n), to_send[n]) for n in names))
+        return list(zip(names, sent, strict=True))
+
+    async def _send(
+        self, runtime: RouteRuntime, batch: list[Outbound]
+    ) -> list[tuple[Outbound, Result]]:
+        try:
+            results = await runtime.sink.send(runtime.route, batch)
+        except Exception as exc:  # noqa: BLE001 - a sink bug must not kill the relay
+            log.exception("route %s: sink raised; treating the batch as unavailable", runtime.route.name)
+            results = [Failed("unavailable", "sink error", _one_line(exc))] * len(batch)
+        runtime.observe(results)
+        return list(zip(batch, results, strict=True))
+
+    def _judge(self, runtime: RouteRuntime, message: Outbound, result: Result) -> Verdict:
+        route = runtime.route
+        backoff = runtime.backoff.delay(message.attempts + 1)
+        return verdict(result, message.attempts, route.max_attempts, backoff, runtime.pause_left())
+
+    async def _record(self, plan: RecordPlan) -> None:
+        """Write the outcome; ride out a short database outage rather than redeliver."""
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(self.settings.lease_seconds * 0.8),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            retry=retry_if_exception_type(DB_ERRORS),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self.store.record(plan)
+        self.stats.delivered += plan.delivered_count
+        self.stats.dead += plan.dead_count
+
+    async def _shutdown(self) -> None:
+        try:
+            released = await self.store.release_all()
+            if released:
+                log.info("released %d claimed messages on shutdown", released)
+        except DB_ERRORS as exc:
+            log.warning("could not release claims on shutdown (%s); their leases will expire",
+                        _one_line(exc))
+        for runtime in self.routes:
+            await runtime.sink.close()
+
+
+_PAUSED = Failed("unavailable", "route paused", "sink unreachable; waiting before the next try")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waiters.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,42 @@
+"""Logging set-up: human-readable text, or one JSON object per line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import orjson
+
+from .config import OPTION_BY_NAME
+from .errors import ConfigError
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Configure the root logger once, at the edge (the CLI)."""
+    try:
+        level = OPTION_BY_NAME["log_level"].parse(level)
+        fmt = OPTION_BY_NAME["log_format"].parse(fmt)
+    except ValueError as exc:
+        raise ConfigError(f"logging: {exc}") from exc
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("psycopg.pool").setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,178 @@
+"""Turn per-(message, route) results into the database writes of one record transaction.
+
+Pure logic, no I/O: the engine feeds it what the sinks said, the store executes the plan.
+
+Per (message, route) the verdict is one of:
+
+- delivered:   a row in ``delivery``
+- dead:        a row in ``dead_letter`` (permanent failure, retries exhausted, no route)
+- pending:     a row in ``route_pending`` with its next attempt time: a retry after backoff,
+               a route that was unavailable (no attempt spent) or a message parked behind an
+               earlier message of its key on that route
+
+A message claimed on its first pass whose routes are all delivered or dead is deleted in one
+statement together with writing those rows. One whose every route was unavailable is simply
+released. Anything else becomes "fanned": the message stays, its pending routes carry on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .sinks.base import Delivered, Failed, Outbound, Result
+
+NO_ROUTE = "no-route"
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """The next state of a route that needs another pass."""
+
+    attempts: int
+    delay: float
+    error: str | None
+    unavailable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    attempts: int
+    reason: str
+    error: str | None
+
+
+Verdict = Delivered | Dead | Pending
+
+
+@dataclass
+class Rows:
+    """Column arrays for one bulk statement (``unnest`` on the SQL side)."""
+
+    columns: dict[str, list[object]] = field(default_factory=dict)
+
+    def add(self, **values: object) -> None:
+        for name, value in values.items():
+            self.columns.setdefault(name, []).append(value)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()), []))
+
+
+@dataclass
+class RecordPlan:
+    """Everything one record transaction writes."""
+
+    finished: list[int] = field(default_factory=list)
+    finished_deliveries: Rows = field(default_factory=Rows)
+    finished_dead: Rows = field(default_factory=Rows)
+    deliveries: Rows = field(default_factory=Rows)
+    dead: Rows = field(default_factory=Rows)
+    pending: Rows = field(default_factory=Rows)
+    pending_done: Rows = field(default_factory=Rows)
+    fanned: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
+    retried_seqs: list[int] = field(default_factory=list)
+    delivered_count: int = 0
+    dead_count: int = 0
+
+
+def verdict(
+    result: Result, prior_attempts: int, max_attempts: int, backoff: float, pause: float
+) -> Verdict:
+    """What to record for one send result.
+
+    ``backoff`` is the delay before a counted retry; ``pause`` is how long the route rests
+    after finding its sink unavailable (no attempt is spent on an outage).
+    """
+    if isinstance(result, Delivered):
+        return result
+    attempts = prior_attempts + 1
+    error = _error_text(result)
+    if result.kind == "permanent":
+        return Dead(attempts, result.reason, error)
+    if result.kind == "unavailable":
+        return Pending(prior_attempts, pause, error, unavailable=True)
+    if attempts >= max_attempts:
+        return Dead(attempts, f"max attempts reached ({result.reason})", error)
+    return Pending(attempts, backoff, error)
+
+
+def _error_text(result: Failed) -> str:
+    return f"{result.reason}: {result.detail}" if result.detail else result.reason
+
+
+def parked() -> Pending:
+    return Pending(0, 0.0, None)
+
+
+def plan_first_pass(
+    messages: Iterable[Outbound],
+    verdicts: dict[tuple[int, str], Verdict],
+    routes_of: dict[int, list[str]],
+) -> RecordPlan:
+    """Plan for messages claimed on their first pass (every route at once)."""
+    plan = RecordPlan()
+    for message in messages:
+        names = routes_of.get(message.seq, [])
+        mine = {name: verdicts[(message.seq, name)] for name in names}
+        if not names:
+            mine = {NO_ROUTE: Dead(0, "no route", f"no route matches topic {message.topic!r}")}
+        _plan_message(plan, message, mine)
+    return plan
+
+
+def _plan_message(plan: RecordPlan, message: Outbound, mine: dict[str, Verdict]) -> None:
+    if all(isinstance(v, Pending) and v.unavailable for v in mine.values()):
+        plan.released.append(message.seq)
+        return
+    if all(isinstance(v, Delivered | Dead) for v in mine.values()):
+        plan.finished.append(message.seq)
+        for route, v in mine.items():
+            _add(plan.finished_deliveries, plan.finished_dead, plan, message.seq, route, v, 1)
+        return
+    plan.fanned.append(message.seq)
+    for route, v in mine.items():
+        if isinstance(v, Pending):
+            _add_pending(plan, message, route, v)
+        else:
+            _add(plan.deliveries, plan.dead, plan, message.seq, route, v, 1)
+
+
+def plan_retry_pass(claimed: Iterable[tuple[Outbound, str]], verdicts: list[Verdict]) -> RecordPlan:
+    """Plan for ``route_pending`` rows claimed for another attempt."""
+    plan = RecordPlan()
+    for (message, route), v in zip(claimed, verdicts, strict=True):
+        if isinstance(v, Pending):
+            _add_pending(plan, message, route, v)
+            continue
+        _add(plan.deliveries, plan.dead, plan, message.seq, route, v, message.attempts + 1)
+        plan.pending_done.add(seq=message.seq, route=route)
+        plan.retried_seqs.append(message.seq)
+    return plan
+
+
+def _add(
+    deliveries: Rows, dead: Rows, plan: RecordPlan, seq: int, route: str, v: Verdict, attempts: int
+) -> None:
+    if isinstance(v, Delivered):
+        deliveries.add(
+            seq=seq, route=route, attempts=attempts, partition=v.partition, offset=v.offset
+        )
+        plan.delivered_count += 1
+    elif isinstance(v, Dead):
+        dead.add(seq=seq, route=route, attempts=v.attempts, reason=v.reason, error=v.error)
+        plan.dead_count += 1
+
+
+def _add_pending(plan: RecordPlan, message: Outbound, route: str, v: Pending) -> None:
+    plan.pending.add(
+        seq=message.seq,
+        route=route,
+        topic=message.topic,
+        key=message.key,
+        attempts=v.attempts,
+        delay=dt.timedelta(seconds=v.delay),
+        error=v.error,
+    )

@@ -1,0 +1,186 @@
+"""Kafka sink on confluent-kafka (librdkafka), with an idempotent producer.
+
+A batch is produced in one go and the delivery report of every record is read before the
+batch returns. librdkafka keeps per-partition order and retries internally; what it finally
+reports as failed is classified by :func:`classify`. Blocking calls run in a worker thread
+so the relay's event loop keeps serving signals and NOTIFY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from ..config import ProducerValue, Route
+from .base import Delivered, Failed, Outbound, Result
+
+log = logging.getLogger(__name__)
+
+_PERMANENT_NAMES = (
+    "MSG_SIZE_TOO_LARGE",
+    "_MSG_SIZE_TOO_LARGE",
+    "RECORD_LIST_TOO_LARGE",
+    "INVALID_RECORD",
+    "TOPIC_AUTHORIZATION_FAILED",
+    "CLUSTER_AUTHORIZATION_FAILED",
+    "TOPIC_EXCEPTION",
+    "UNKNOWN_TOPIC_OR_PART",
+    "_UNKNOWN_TOPIC",
+    "_UNKNOWN_PARTITION",
+    "POLICY_VIOLATION",
+    "_INVALID_ARG",
+)
+_UNAVAILABLE_NAMES = (
+    "_MSG_TIMED_OUT",
+    "_TIMED_OUT",
+    "_TRANSPORT",
+    "_ALL_BROKERS_DOWN",
+    "_PURGE_QUEUE",
+    "_PURGE_INFLIGHT",
+    "_DESTROY",
+    "NETWORK_EXCEPTION",
+    "REQUEST_TIMED_OUT",
+    "BROKER_NOT_AVAILABLE",
+    "LEADER_NOT_AVAILABLE",
+    "NOT_LEADER_FOR_PARTITION",
+    "NOT_ENOUGH_REPLICAS",
+    "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
+)
+
+
+def _codes(names: Sequence[str]) -> frozenset[int]:
+    return frozenset(getattr(KafkaError, n) for n in names if hasattr(KafkaError, n))
+
+
+PERMANENT_CODES = _codes(_PERMANENT_NAMES)
+UNAVAILABLE_CODES = _codes(_UNAVAILABLE_NAMES)
+
+
+def classify(error: KafkaError) -> Failed:
+    """Map a librdkafka error to what the relay does with the message.
+
+    Anything not known to be permanent is retried: a message that "may have been
+    persisted" (POSSIBLY_PERSISTED) is retried too, which can duplicate but never loses.
+    """
+    reason = error.name() or f"kafka error {error.code()}"
+    detail = error.str() or ""
+    if error.code() in PERMANENT_CODES:
+        return Failed("permanent", reason, detail)
+    if error.code() in UNAVAILABLE_CODES or error.fatal():
+        return Failed("unavailable", reason, detail)
+    return Failed("retry", reason, detail)
+
+
+def record_headers(message: Outbound) -> list[tuple[str, bytes]]:
+    """The contract's headers first, then the message's own."""
+    return [
+        ("idempotency-key", message.delivery_key.encode()),
+        ("outbox-message-id", str(message.id).encode()),
+        ("outbox-topic", message.topic.encode()),
+        *message.headers,
+    ]
+
+
+class _Batch:
+    """Delivery reports of one batch, filled in from librdkafka's callback thread."""
+
+    def __init__(self, size: int) -> None:
+        self.results: list[Result | None] = [None] * size
+        self.remaining = size
+        self.fatal = False
+
+    def callback(self, index: int) -> Callable[[KafkaError | None, Any], None]:
+        def on_delivery(error: KafkaError | None, record: Any) -> None:
+            if error is None:
+                self.set(index, Delivered(record.partition(), record.offset()))
+            else:
+                self.fatal = self.fatal or error.fatal()
+                self.set(index, classify(error))
+
+        return on_delivery
+
+    def set(self, index: int, result: Result) -> None:
+        if self.results[index] is None:
+            self.remaining -= 1
+        self.results[index] = result
+
+    def finish(self, reason: str) -> list[Result]:
+        return [r if r is not None else Failed("unavailable", reason) for r in self.results]
+
+
+class KafkaSink:
+    """Sends batches to Kafka; one idempotent producer per relay process."""
+
+    def __init__(self, config: Mapping[str, ProducerValue], poll_interval: float = 0.05) -> None:
+        self._config = dict(config)
+        self._poll_interval = poll_interval
+        self._producer: Producer | None = None
+        self._aborted = threading.Event()
+        self._lock = threading.Lock()
+
+    def _get_producer(self) -> Producer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = Producer(self._config, logger=log)
+            return self._producer
+
+    async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        return await asyncio.to_thread(self.send_sync, route, batch)
+
+    def send_sync(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        """Produce ``batch`` and wait for every delivery report (or an abort)."""
+        producer = self._get_producer()
+        pending = _Batch(len(batch))
+        for index, message in enumerate(batch):
+            if self._aborted.is_set():
+                break
+            self._produce(producer, route.target_topic(message.topic), message, pending, index)
+        while pending.remaining and not self._aborted.is_set():
+            producer.poll(self._poll_interval)
+        if pending.remaining:
+            producer.purge(in_queue=True, in_flight=True, blocking=False)
+            producer.poll(0.5)
+        if pending.fatal:
+            self._drop_producer(producer)
+        return pending.finish("shutdown before the broker acknowledged")
+
+    def _produce(
+        self, producer: Producer, topic: str, message: Outbound, batch: _Batch, index: int
+    ) -> None:
+        while True:
+            try:
+                producer.produce(
+                    topic,
+                    value=message.payload,
+                    key=message.key,
+                    headers=record_headers(message),
+                    on_delivery=batch.callback(index),
+                )
+            except BufferError:
+                producer.poll(self._poll_interval)
+                continue
+            except KafkaException as exc:
+                batch.set(index, classify(exc.args[0]))
+            except (TypeError, ValueError) as exc:
+                batch.set(index, Failed("permanent", "invalid record", str(exc)))
+            producer.poll(0)
+            return
+
+    def _drop_producer(self, producer: Producer) -> None:
+        log.warning("kafka producer hit a fatal error; a new producer will be created")
+        with self._lock:
+            if self._producer is producer:
+                self._producer = None
+
+    def abort(self) -> None:
+        self._aborted.set()
+
+    async def close(self) -> None:
+        producer = self._producer
+        if producer is not None:
+            await asyncio.to_thread(producer.flush, 5.0)

@@ -1,0 +1,180 @@
+-- Every statement the relay runs. {schema} is replaced by the quoted schema identifier;
+-- values are always bound parameters.
+
+-- name: claim_first_pass
+-- Oldest messages not yet on their first pass, leased to this relay. A keyed message is
+-- skipped while an earlier message of its key is leased to someone else (e.g. a relay that
+-- crashed mid-batch): its lease must end first, or per-key order could break.
+WITH candidate AS (
+    SELECT m.seq
+      FROM {schema}.message m
+     WHERE NOT m.fanned
+       AND (m.claimed_until IS NULL OR m.claimed_until < now())
+       AND (m.msg_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {schema}.message e
+             WHERE e.topic = m.topic AND e.msg_key = m.msg_key AND e.seq < m.seq
+               AND NOT e.fanned AND e.claimed_until >= now()))
+     ORDER BY m.seq
+     LIMIT %(limit)s
+       FOR UPDATE OF m SKIP LOCKED
+)
+UPDATE {schema}.message m
+   SET claimed_by = %(relay)s,
+       claimed_until = now() + %(lease)s
+  FROM candidate c
+ WHERE m.seq = c.seq
+RETURNING m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
+          m.idempotency_key, m.created_at, 0 AS attempts, NULL::text AS route
+
+-- name: any_route_pending
+SELECT EXISTS (SELECT 1 FROM {schema}.route_pending)
+
+-- name: blocked_keys
+-- (route, topic, key) combinations that still have earlier work pending: messages of these
+-- keys must queue behind it on that route.
+SELECT DISTINCT p.route, p.topic, p.msg_key
+  FROM {schema}.route_pending p
+  JOIN unnest(%(topics)s::text[], %(keys)s::bytea[]) AS k(topic, msg_key)
+    ON p.topic = k.topic AND p.msg_key = k.msg_key
+
+-- name: claim_retry_pass
+-- Due route_pending rows of the routes this relay serves now, oldest first. A keyed row
+-- waits while an earlier row of the same route and key is not due yet or is leased.
+WITH candidate AS (
+    SELECT p.seq, p.route
+      FROM {schema}.route_pending p
+     WHERE p.available_at <= now()
+       AND (p.claimed_until IS NULL OR p.claimed_until < now())
+       AND p.route = ANY(%(routes)s::text[])
+       AND (p.msg_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {schema}.route_pending e
+             WHERE e.route = p.route AND e.topic = p.topic AND e.msg_key = p.msg_key
+               AND e.seq < p.seq
+               AND (e.available_at > now() OR e.claimed_until >= now())))
+     ORDER BY p.seq
+     LIMIT %(limit)s
+       FOR UPDATE OF p SKIP LOCKED
+)
+UPDATE {schema}.route_pending p
+   SET claimed_by = %(relay)s,
+       claimed_until = now() + %(lease)s
+  FROM candidate c, {schema}.message m
+ WHERE p.seq = c.seq AND p.route = c.route AND m.seq = p.seq
+RETURNING m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
+          m.idempotency_key, m.created_at, p.attempts, p.route
+
+-- name: finish_first_pass
+-- One statement for the common case: the messages are done on every route. They leave the
+-- hot table and their delivery (and dead-letter) rows are written from what was deleted.
+WITH gone AS (
+    DELETE FROM {schema}.message m
+     WHERE m.seq = ANY(%(finished)s::bigint[]) AND m.claimed_by = %(relay)s
+    RETURNING m.*
+), delivered AS (
+    INSERT INTO {schema}.delivery (message_id, seq, route, topic, msg_key, payload,
+                                   content_type, headers, idempotency_key, created_at,
+                                   attempts, kafka_partition, kafka_offset)
+    SELECT g.id, g.seq, d.route, g.topic, g.msg_key, g.payload, g.content_type, g.headers,
+           g.idempotency_key, g.created_at, d.attempts, d.part, d.off
+      FROM gone g
+      JOIN unnest(%(d_seq)s::bigint[], %(d_route)s::text[], %(d_attempts)s::int[],
+                  %(d_partition)s::int[], %(d_offset)s::bigint[])
+           AS d(seq, route, attempts, part, off) ON d.seq = g.seq
+    RETURNING 1
+), dead AS (
+    INSERT INTO {schema}.dead_letter (message_id, seq, route, topic, msg_key, payload,
+                                      content_type, headers, idempotency_key, bucket,
+                                      created_at, attempts, reason, last_error)
+    SELECT g.id, g.seq, x.route, g.topic, g.msg_key, g.payload, g.content_type, g.headers,
+           g.idempotency_key, g.bucket, g.created_at, x.attempts, x.reason, x.error
+      FROM gone g
+      JOIN unnest(%(x_seq)s::bigint[], %(x_route)s::text[], %(x_attempts)s::int[],
+                  %(x_reason)s::text[], %(x_error)s::text[])
+           AS x(seq, route, attempts, reason, error) ON x.seq = g.seq
+    ON CONFLICT (message_id, route) DO UPDATE
+       SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
+           last_error = EXCLUDED.last_error, dead_at = EXCLUDED.dead_at
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM delivered), (SELECT count(*) FROM dead)
+
+-- name: insert_deliveries
+INSERT INTO {schema}.delivery (message_id, seq, route, topic, msg_key, payload, content_type,
+                               headers, idempotency_key, created_at, attempts,
+                               kafka_partition, kafka_offset)
+SELECT m.id, m.seq, d.route, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
+       m.idempotency_key, m.created_at, d.attempts, d.part, d.off
+  FROM unnest(%(seq)s::bigint[], %(route)s::text[], %(attempts)s::int[],
+              %(partition)s::int[], %(offset)s::bigint[]) AS d(seq, route, attempts, part, off)
+  JOIN {schema}.message m ON m.seq = d.seq
+
+-- name: insert_dead_letters
+INSERT INTO {schema}.dead_letter (message_id, seq, route, topic, msg_key, payload, content_type,
+                                  headers, idempotency_key, bucket, created_at, attempts,
+                                  reason, last_error)
+SELECT m.id, m.seq, x.route, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
+       m.idempotency_key, m.bucket, m.created_at, x.attempts, x.reason, x.error
+  FROM unnest(%(seq)s::bigint[], %(route)s::text[], %(attempts)s::int[], %(reason)s::text[],
+              %(error)s::text[]) AS x(seq, route, attempts, reason, error)
+  JOIN {schema}.message m ON m.seq = x.seq
+ON CONFLICT (message_id, route) DO UPDATE
+   SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
+       last_error = EXCLUDED.last_error, dead_at = EXCLUDED.dead_at
+
+-- name: upsert_pending
+INSERT INTO {schema}.route_pending AS p (seq, route, topic, msg_key, attempts, available_at,
+                                         last_error)
+SELECT seq, route, topic, msg_key, attempts, now() + delay, error
+  FROM unnest(%(seq)s::bigint[], %(route)s::text[], %(topic)s::text[], %(key)s::bytea[],
+              %(attempts)s::int[], %(delay)s::interval[], %(error)s::text[])
+       AS u(seq, route, topic, msg_key, attempts, delay, error)
+ON CONFLICT (seq, route) DO UPDATE
+   SET attempts = EXCLUDED.attempts, available_at = EXCLUDED.available_at,
+       last_error = coalesce(EXCLUDED.last_error, p.last_error),
+       claimed_by = NULL, claimed_until = NULL
+
+-- name: delete_pending
+DELETE FROM {schema}.route_pending p
+ USING unnest(%(seq)s::bigint[], %(route)s::text[]) AS d(seq, route)
+ WHERE p.seq = d.seq AND p.route = d.route
+
+-- name: settle_fanned
+UPDATE {schema}.message
+   SET fanned = true, claimed_by = NULL, claimed_until = NULL
+ WHERE seq = ANY(%(seqs)s::bigint[]) AND claimed_by = %(relay)s
+
+-- name: release
+UPDATE {schema}.message
+   SET claimed_by = NULL, claimed_until = NULL
+ WHERE seq = ANY(%(seqs)s::bigint[]) AND claimed_by = %(relay)s
+
+-- name: delete_completed
+-- Fanned messages whose last pending route just finished.
+DELETE FROM {schema}.message m
+ WHERE m.seq = ANY(%(seqs)s::bigint[]) AND m.fanned
+   AND NOT EXISTS (SELECT 1 FROM {schema}.route_pending p WHERE p.seq = m.seq)
+
+-- name: release_all_of_relay
+-- On shutdown: hand back whatever this relay still holds.
+WITH a AS (
+    UPDATE {schema}.message SET claimed_by = NULL, claimed_until = NULL
+     WHERE claimed_by = %(relay)s RETURNING 1
+), b AS (
+    UPDATE {schema}.route_pending SET claimed_by = NULL, claimed_until = NULL
+     WHERE claimed_by = %(relay)s RETURNING 1
+)
+SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)
+
+-- name: next_due
+SELECT extract(epoch FROM min(available_at) - now()) FROM {schema}.route_pending
+
+-- name: status_pending
+SELECT topic, count(*), extract(epoch FROM now() - min(created_at))
+  FROM {schema}.message
+ GROUP BY topic
+
+-- name: status_dead
+SELECT topic, count(*) FROM {schema}.dead_letter GROUP BY topic
+
+-- name: schema_version
+SELECT max(version) FROM {schema}.schema_migrations
