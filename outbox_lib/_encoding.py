@@ -138,9 +138,7 @@ def _encode_header_value(name: str, value: object) -> object:
         return value
     if isinstance(value, bytes | bytearray | memoryview):
         return {"b64": base64.b64encode(bytes(value)).decode("ascii")}
-    raise InvalidMessageError(
-        f"header {name!r} must be str or bytes, got {type(value).__name__}"
-    )
+    raise InvalidMessageError(f"header {name!r} must be str or bytes, got {type(value).__name__}")
 
 
 def decode_headers(stored: Mapping[str, object]) -> list[tuple[str, bytes]]:

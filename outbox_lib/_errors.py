@@ -6,9 +6,9 @@ everything this package raises on purpose::
     OutboxError
     ├── InvalidMessageError (also ValueError)   bad topic, payload, key, headers or idempotency key
     │   └── PayloadTooLargeError                 payload over the configured size limit
-    ├── UnsupportedSessionError (also TypeError) not a SQLAlchemy Session/Connection on PostgreSQL
+    ├── UnsupportedSessionError (also TypeError) not a SQLAlchemy session on PostgreSQL
     ├── ConfigurationError (also ValueError)     an invalid setting (schema name, URL, limit, ...)
-    ├── SchemaNotMigratedError                   the outbox schema is missing: run `outbox-relay migrate`
+    ├── SchemaNotMigratedError                   no outbox schema: run `outbox-relay migrate`
     ├── MigrationError                           a migration cannot be applied
     └── DatabaseUnavailableError                 the database cannot be reached
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -66,7 +67,7 @@ def _queries() -> dict[str, str]:
     return load_queries("outbox_lib", "_sql/migrate.sql")
 
 
-def applied_versions(conn: psycopg.Connection[object], schema: str) -> dict[int, str]:
+def applied_versions(conn: psycopg.Connection[Any], schema: str) -> dict[int, str]:
     """``{version: checksum}`` of what is applied; empty when the schema is absent."""
     check_schema_name(schema)
     q = _queries()
@@ -77,7 +78,7 @@ def applied_versions(conn: psycopg.Connection[object], schema: str) -> dict[int,
     return {int(version): str(checksum) for version, checksum in rows}
 
 
-def migrate(conn: psycopg.Connection[object], schema: str = "outbox") -> list[int]:
+def migrate(conn: psycopg.Connection[Any], schema: str = "outbox") -> list[int]:
     """Create or upgrade ``schema``; return the versions applied now (empty: up to date).
 
     Runs in its own transaction on ``conn``, which must not be inside one already.
@@ -113,11 +114,11 @@ def _check_history(applied: dict[int, str], known: list[Migration]) -> None:
             )
 
 
-def _apply(conn: psycopg.Connection[object], schema: str, migration: Migration) -> None:
+def _apply(conn: psycopg.Connection[Any], schema: str, migration: Migration) -> None:
     q = _queries()
     conn.execute(with_schema(q["set_search_path"], schema))
     try:
-        conn.execute(sql.SQL(migration.sql))  # type: ignore[arg-type]
+        conn.execute(sql.SQL(migration.sql))  # type: ignore[arg-type, unused-ignore]
     except psycopg.Error as exc:
         raise MigrationError(
             f"migration {migration.version:04d}_{migration.name}.sql failed: {exc}"

@@ -96,8 +96,10 @@ class Outbox:
         """Async twin of :meth:`publish` for ``AsyncSession`` and ``AsyncConnection``."""
         if not isinstance(session, AsyncSession | AsyncConnection | async_scoped_session):
             raise _unsupported(session, "publish" if _is_sync(session) else None)
-        bind = session.sync_connection if isinstance(session, AsyncConnection) else None
-        _check_dialect(bind if bind is not None else session.get_bind())
+        if isinstance(session, AsyncConnection):
+            _check_dialect(session.sync_engine)
+        else:
+            _check_dialect(session.get_bind())
         params = self._params(topic, payload, key, headers, idempotency_key)
         try:
             result = await session.execute(self._statement, params)

@@ -35,4 +35,4 @@ def load_queries(package: str, filename: str) -> dict[str, str]:
 
 def with_schema(statement: str, schema: str) -> sql.Composed:
     """Substitute ``{schema}`` in a statement with the quoted schema identifier."""
-    return sql.SQL(statement).format(schema=sql.Identifier(schema))  # type: ignore[arg-type]
+    return sql.SQL(statement).format(schema=sql.Identifier(schema))

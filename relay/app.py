@@ -10,8 +10,10 @@ import signal
 import socket
 from collections.abc import Callable
 
-from outbox_lib import DatabaseUnavailableError, SchemaNotMigratedError
+import psycopg
 from psycopg_pool import PoolTimeout
+
+from outbox_lib import DatabaseUnavailableError, SchemaNotMigratedError
 
 from .backoff import Backoff
 from .config import Route, Settings
@@ -70,8 +72,6 @@ async def open_store(settings: Settings, relay_id: str) -> Store:
 
 
 async def _schema_version(store: Store) -> int | None:
-    import psycopg
-
     try:
         return await store.schema_version()
     except psycopg.errors.UndefinedTable:
@@ -96,9 +96,18 @@ async def run_relay(
         await engine.run(stop, to_libpq(settings.require_database_url()))
     finally:
         await store.close()
-    log.info("relay %s stopped: %d delivered, %d dead-lettered",
-             relay_id, engine.stats.delivered, engine.stats.dead)
+    log.info(
+        "relay %s stopped: %d delivered, %d dead-lettered",
+        relay_id,
+        engine.stats.delivered,
+        engine.stats.dead,
+    )
     return engine.stats
+
+
+def _abort_sinks(engine: Engine) -> None:
+    for runtime in engine.routes:
+        runtime.sink.abort()
 
 
 def _stop_on_signals(engine: Engine, grace: float) -> asyncio.Event:
@@ -111,7 +120,7 @@ def _stop_on_signals(engine: Engine, grace: float) -> asyncio.Event:
             return
         log.info("received %s: finishing in-flight work", signal.Signals(signum).name)
         stop.set()
-        loop.call_later(grace, lambda: [r.sink.abort() for r in engine.routes])
+        loop.call_later(grace, _abort_sinks, engine)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

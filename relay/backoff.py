@@ -9,7 +9,7 @@ from tenacity import RetryCallState, wait_exponential_jitter
 
 @dataclass(frozen=True)
 class Backoff:
-    """``delay(n)`` is the wait before attempt ``n + 1``: ``initial * 2**(n-1)`` + jitter, capped."""
+    """``delay(n)``: the wait after attempt ``n``, ``initial * 2**(n-1)`` plus jitter, capped."""
 
     initial: float
     maximum: float

@@ -71,21 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     commands.add_parser(
-        "migrate", parents=[common], help="create or upgrade the outbox schema",
+        "migrate",
+        parents=[common],
+        help="create or upgrade the outbox schema",
         description="Create or upgrade the outbox schema. Idempotent; safe from many processes.",
     )
     run = commands.add_parser(
-        "run", parents=[common], help="run the relay",
+        "run",
+        parents=[common],
+        help="run the relay",
         description="Deliver committed outbox messages until SIGTERM/SIGINT.",
     )
     _add_options(run, _RUN)
     status = commands.add_parser(
-        "status", parents=[common], help="pending, dead-lettered and lag per topic",
+        "status",
+        parents=[common],
+        help="pending, dead-lettered and lag per topic",
         description="Per topic: pending messages, dead letters and the oldest pending age.",
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     demo = commands.add_parser(
-        "demo", help="run the whole pipeline on an embedded PostgreSQL and broker",
+        "demo",
+        help="run the whole pipeline on an embedded PostgreSQL and broker",
         description="Embedded PostgreSQL + Kafka-compatible broker, a sample order app, the "
         "relay draining it, and a consumer proving what arrived.",
     )

@@ -253,7 +253,9 @@ def _parse(option: Option, raw: str, source: str) -> Any:
 
 def _reason(exc: ValueError) -> str:
     text = str(exc)
-    return "expected a number" if text.startswith(("invalid literal", "could not convert")) else text
+    return (
+        "expected a number" if text.startswith(("invalid literal", "could not convert")) else text
+    )
 
 
 def argparse_type(option: Option) -> Callable[[str], Any]:
@@ -317,8 +319,10 @@ def _route(index: int, table: Any) -> Route:
         raise ConfigError(f"{where}: name must be letters, digits, '.', '_' or '-'")
     where = f"config route {name!r}"
     topics = table.get("topics")
-    if not isinstance(topics, list) or not topics or not all(
-        isinstance(t, str) and t for t in topics
+    if (
+        not isinstance(topics, list)
+        or not topics
+        or not all(isinstance(t, str) and t for t in topics)
     ):
         raise ConfigError(f"{where}: topics must be a non-empty list of glob patterns")
     sink = table.get("sink")

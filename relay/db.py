@@ -24,8 +24,7 @@ def to_libpq(url: str) -> str:
     match = _SCHEME.match(url)
     if not match:
         raise ConfigError(
-            f"database URL {redact(url)!r} must start with postgresql:// "
-            "(or postgresql+psycopg://)"
+            f"database URL {redact(url)!r} must start with postgresql:// (or postgresql+psycopg://)"
         )
     return "postgresql://" + url[match.end() :]
 

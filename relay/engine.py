@@ -82,12 +82,18 @@ class Engine:
     store: Store
     routes: list[RouteRuntime]
     stats: Stats = field(default_factory=Stats)
+    _prefetch: asyncio.Future[list[Outbound]] | None = None
+    _stop: asyncio.Event | None = None
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     def _routes_for(self, topic: str) -> list[RouteRuntime]:
         return [r for r in self.routes if r.route.matches(topic)]
 
     async def run(self, stop: asyncio.Event, conninfo: str) -> None:
         """Drain until ``stop`` is set, then hand back anything still held."""
+        self._stop = stop
         wake = asyncio.Event()
         listener = asyncio.create_task(listen(conninfo, self.store.schema, wake, stop))
         failures = 0
@@ -125,17 +131,27 @@ class Engine:
         active = [r for r in self.routes if r.pause_left() == 0]
         if self.routes and not active:
             return 0
-        lease = self.settings.lease_seconds
-        first = await self.store.claim_first_pass(self.settings.batch_size, lease)
+        first = await self._take_prefetched() or await self._claim_first()
         if first:
             await self._first_pass(first)
         names = [r.route.name for r in active]
-        retry = await self.store.claim_retry_pass(self.settings.batch_size, lease, names)
+        retry = await self.store.claim_retry_pass(
+            self.settings.batch_size, self.settings.lease_seconds, names
+        )
         if retry:
             await self._retry_pass(retry)
         self.stats.batches += 1
         self.stats.claimed += len(first) + len(retry)
         return max(len(first), len(retry))
+
+    async def _claim_first(self) -> list[Outbound]:
+        return await self.store.claim_first_pass(
+            self.settings.batch_size, self.settings.lease_seconds
+        )
+
+    async def _take_prefetched(self) -> list[Outbound]:
+        task, self._prefetch = self._prefetch, None
+        return await task if task is not None else []
 
     async def _first_pass(self, messages: list[Outbound]) -> None:
         blocked = await self.store.blocked_keys(messages)
@@ -153,11 +169,22 @@ class Engine:
                     verdicts[(message.seq, name)] = self._judge(runtime, message, _PAUSED)
                 else:
                     to_send.setdefault(name, []).append(message)
-        for name, batch_results in await self._send_all(to_send):
+        sending = asyncio.ensure_future(self._send_all(to_send))
+        self._maybe_prefetch(len(messages))
+        for name, batch_results in await sending:
             runtime = self._runtime(name)
             for message, result in batch_results:
                 verdicts[(message.seq, name)] = self._judge(runtime, message, result)
         await self._record(plan_first_pass(messages, verdicts, routes_of))
+
+    def _maybe_prefetch(self, claimed: int) -> None:
+        """While a full batch is being sent, claim the next one: a backlog drains faster.
+
+        Safe for per-key order because the next batch is sent only after this one is
+        recorded, so its blocked-key check sees whatever this batch left pending.
+        """
+        if claimed >= self.settings.batch_size and not self._stopping():
+            self._prefetch = asyncio.ensure_future(self._claim_first())
 
     async def _retry_pass(self, claimed: list[tuple[Outbound, str]]) -> None:
         to_send: dict[str, list[Outbound]] = {}
@@ -186,8 +213,10 @@ class Engine:
     ) -> list[tuple[Outbound, Result]]:
         try:
             results = await runtime.sink.send(runtime.route, batch)
-        except Exception as exc:  # noqa: BLE001 - a sink bug must not kill the relay
-            log.exception("route %s: sink raised; treating the batch as unavailable", runtime.route.name)
+        except Exception as exc:
+            log.exception(
+                "route %s: sink raised; treating the batch as unavailable", runtime.route.name
+            )
             results = [Failed("unavailable", "sink error", _one_line(exc))] * len(batch)
         runtime.observe(results)
         return list(zip(batch, results, strict=True))
@@ -212,13 +241,19 @@ class Engine:
         self.stats.dead += plan.dead_count
 
     async def _shutdown(self) -> None:
+        if self._prefetch is not None:
+            # Claimed but never sent: release_all below hands these rows back.
+            await asyncio.gather(self._prefetch, return_exceptions=True)
+            self._prefetch = None
         try:
             released = await self.store.release_all()
             if released:
                 log.info("released %d claimed messages on shutdown", released)
         except DB_ERRORS as exc:
-            log.warning("could not release claims on shutdown (%s); their leases will expire",
-                        _one_line(exc))
+            log.warning(
+                "could not release claims on shutdown (%s); their leases will expire",
+                _one_line(exc),
+            )
         for runtime in self.routes:
             await runtime.sink.close()
 

@@ -25,3 +25,7 @@ class ConfigError(RelayError, ConfigurationError):
 
 class SinkError(RelayError):
     """A sink could not be created from its settings."""
+
+
+class EmbeddedServiceError(RelayError):
+    """An embedded demo/test service (PostgreSQL, broker) is not installed or did not start."""

@@ -33,7 +33,8 @@ def configure_logging(level: str, fmt: str) -> None:
         raise ConfigError(f"logging: {exc}") from exc
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if fmt == "json"
+        JsonFormatter()
+        if fmt == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()

@@ -65,7 +65,9 @@ def print_status(report: dict[str, TopicStatus], *, as_json: bool) -> None:
     table.add_column("dead", justify="right")
     table.add_column("oldest pending", justify="right")
     for topic, s in report.items():
-        age = "-" if s.oldest_pending_age_seconds is None else f"{s.oldest_pending_age_seconds:.1f}s"
+        age = (
+            "-" if s.oldest_pending_age_seconds is None else f"{s.oldest_pending_age_seconds:.1f}s"
+        )
         table.add_row(topic, str(s.pending), str(s.dead), age)
     if not report:
         table.add_row("(no messages)", "0", "0", "-")

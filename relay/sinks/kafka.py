@@ -76,7 +76,7 @@ def classify(error: KafkaError) -> Failed:
     return Failed("retry", reason, detail)
 
 
-def record_headers(message: Outbound) -> list[tuple[str, bytes]]:
+def record_headers(message: Outbound) -> list[tuple[str, str | bytes | None]]:
     """The contract's headers first, then the message's own."""
     return [
         ("idempotency-key", message.delivery_key.encode()),

@@ -3,8 +3,9 @@
 
 -- name: claim_first_pass
 -- Oldest messages not yet on their first pass, leased to this relay. A keyed message is
--- skipped while an earlier message of its key is leased to someone else (e.g. a relay that
--- crashed mid-batch): its lease must end first, or per-key order could break.
+-- skipped while an earlier message of its key is leased to another relay (e.g. one that
+-- crashed mid-batch): that lease must end first, or per-key order could break. This relay's
+-- own leases do not block: it sends its batches strictly one after another.
 WITH candidate AS (
     SELECT m.seq
       FROM {schema}.message m
@@ -13,7 +14,8 @@ WITH candidate AS (
        AND (m.msg_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM {schema}.message e
              WHERE e.topic = m.topic AND e.msg_key = m.msg_key AND e.seq < m.seq
-               AND NOT e.fanned AND e.claimed_until >= now()))
+               AND NOT e.fanned AND e.claimed_until >= now()
+               AND e.claimed_by <> %(relay)s))
      ORDER BY m.seq
      LIMIT %(limit)s
        FOR UPDATE OF m SKIP LOCKED

