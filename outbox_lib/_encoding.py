@@ -26,7 +26,7 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 512
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 RESERVED_HEADERS = frozenset({"idempotency-key", "outbox-message-id", "outbox-topic"})
 _BAD_TOPIC_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
-_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_UTC_Z
 
 
@@ -170,7 +170,7 @@ def check_idempotency_key(value: object) -> str | None:
 
 def check_schema_name(schema: object) -> str:
     """Schema names are plain identifiers; anything else is refused up front."""
-    if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+    if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
         raise ConfigurationError(
             f"schema must be a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*, at most 63), "
             f"got {schema!r}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, LargeBinary, String, TextClause, bindparam, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, UnboundExecutionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session, scoped_session
 
@@ -75,7 +75,7 @@ class Outbox:
         """
         if not isinstance(session, Session | Connection | scoped_session):
             raise _unsupported(session, "publish_async" if _is_async(session) else None)
-        _check_dialect(session.get_bind() if not isinstance(session, Connection) else session)
+        _check_dialect(session if isinstance(session, Connection) else _bind_of(session))
         params = self._params(topic, payload, key, headers, idempotency_key)
         try:
             value = session.execute(self._statement, params).scalar_one()
@@ -99,7 +99,7 @@ class Outbox:
         if isinstance(session, AsyncConnection):
             _check_dialect(session.sync_engine)
         else:
-            _check_dialect(session.get_bind())
+            _check_dialect(_bind_of(session))
         params = self._params(topic, payload, key, headers, idempotency_key)
         try:
             result = await session.execute(self._statement, params)
@@ -150,6 +150,13 @@ def _unsupported(obj: object, other: str | None) -> UnsupportedSessionError:
     return UnsupportedSessionError(
         f"expected a SQLAlchemy Session or Connection, got {type(obj).__name__}{hint}"
     )
+
+
+def _bind_of(session: Any) -> object:
+    try:
+        return session.get_bind()
+    except UnboundExecutionError:
+        return None
 
 
 def _check_dialect(bind: object) -> None:

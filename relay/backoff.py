@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential, wait_random
+from tenacity.wait import wait_base
 
 
 @dataclass(frozen=True)
@@ -14,12 +15,17 @@ class Backoff:
     initial: float
     maximum: float
     jitter: float | None = None
-    _wait: wait_exponential_jitter = field(init=False, repr=False, compare=False)
+    _wait: wait_base = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         jitter = self.initial if self.jitter is None else self.jitter
-        wait = wait_exponential_jitter(initial=self.initial, max=self.maximum, jitter=jitter)
+        wait = wait_exponential(multiplier=self.initial, max=self.maximum) + wait_random(0, jitter)
         object.__setattr__(self, "_wait", wait)
+
+    @property
+    def delay_strategy(self) -> wait_base:
+        """The same schedule as a tenacity ``wait=`` argument."""
+        return self._wait
 
     def delay(self, attempt: int) -> float:
         state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors are a single line."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"outbox-relay: error: {message}\n")
 
 
 def _add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -163,8 +163,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings_level = getattr(args, "log_level", None) or os.environ.get("OUTBOX_LOG_LEVEL")
-        configure_logging(settings_level or "INFO", getattr(args, "log_format", None) or "text")
+        _configure_logging(args)
         return COMMANDS[args.command](args)
     except (ConfigurationError, InvalidMessageError) as exc:
         return _fail(EXIT_USAGE, exc)
@@ -172,6 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_FAILURE, exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Logging follows the same flags > env > file precedence as every other setting."""
+    if args.command == "demo":
+        configure_logging("WARNING", "text")
+        return
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def _fail(code: int, exc: BaseException) -> int:

@@ -6,6 +6,7 @@ variables, the TOML keys and the configuration reference are all derived from th
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import re
 import tomllib
@@ -201,7 +202,7 @@ def load_settings(
     values.update(_scalars_from_file(document))
     values.update(_scalars_from_env(env))
     values.update({k: v for k, v in flags.items() if k in OPTION_BY_NAME and v is not None})
-    kafka = document.get("kafka", {})
+    kafka = _kafka_table(document.get("kafka", {}))
     if "bootstrap_servers" in kafka and "kafka_bootstrap_servers" not in values:
         values["kafka_bootstrap_servers"] = _file_str(kafka, "bootstrap_servers", "kafka")
     values["kafka_producer"] = _producer_props(kafka.get("producer", {}))
@@ -265,10 +266,19 @@ def argparse_type(option: Option) -> Callable[[str], Any]:
         try:
             return option.parse(raw)
         except ValueError as exc:
-            raise ValueError(_reason(exc)) from exc
+            raise argparse.ArgumentTypeError(f"{raw!r} is invalid: {_reason(exc)}") from exc
 
     parse.__name__ = option.name.replace("_", " ")
     return parse
+
+
+def _kafka_table(table: Any) -> Mapping[str, Any]:
+    if not isinstance(table, Mapping):
+        raise ConfigError("config [kafka] must be a table (bootstrap_servers, [kafka.producer])")
+    unknown = set(table) - {"bootstrap_servers", "producer"}
+    if unknown:
+        raise ConfigError(f"config [kafka]: unknown key {sorted(unknown)[0]!r}")
+    return table
 
 
 def _file_str(table: Mapping[str, Any], key: str, where: str) -> str:
@@ -328,10 +338,35 @@ def _route(index: int, table: Any) -> Route:
     sink = table.get("sink")
     if sink not in ("kafka", "webhook"):
         raise ConfigError(f"{where}: sink must be 'kafka' or 'webhook', got {sink!r}")
-    try:
-        return Route(topics=tuple(topics), **{k: v for k, v in table.items() if k != "topics"})
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+    for key, value in table.items():
+        _check_route_value(where, key, value)
+    return Route(topics=tuple(topics), **{k: v for k, v in table.items() if k != "topics"})
+
+
+_ROUTE_TYPES: Mapping[str, tuple[type, ...]] = {
+    "kafka_topic": (str,),
+    "url": (str,),
+    "secret": (str,),
+    "timeout_s": (int, float),
+    "max_attempts": (int,),
+    "backoff_initial_s": (int, float),
+    "backoff_max_s": (int, float),
+    "allow_private_network": (bool,),
+}
+
+
+def _check_route_value(where: str, key: str, value: Any) -> None:
+    expected = _ROUTE_TYPES.get(key)
+    if expected is None:
+        return
+    names = " or ".join("number" if t is float else t.__name__ for t in expected)
+    wrong_type = not isinstance(value, expected) or (bool not in expected and value is True)
+    if wrong_type or isinstance(value, bool) != (bool in expected):
+        raise ConfigError(f"{where}: {key} must be a {names}, got {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+        raise ConfigError(f"{where}: {key} must be positive, got {value!r}")
+    if isinstance(value, str) and not value:
+        raise ConfigError(f"{where}: {key} must not be empty")
 
 
 def _check_routes(settings: Settings) -> None:

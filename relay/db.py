@@ -8,7 +8,7 @@ this module: :func:`redact` is what logs and errors show.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import psycopg
 
@@ -29,26 +29,37 @@ def to_libpq(url: str) -> str:
     return "postgresql://" + url[match.end() :]
 
 
+_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password)=[^&]*")
+
+
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
+    """The URL with any password (user part or ``?password=``) replaced by ``***``."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
+    query = _QUERY_PASSWORD.sub(r"\1\2=***", parts.query)
+    if parts.password is None and query == parts.query:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def describe_connect_error(url: str, exc: psycopg.Error) -> DatabaseUnavailableError:
     """A one-line, password-free error for a failed connection."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    password = urlsplit(url).password
-    if password:
-        first = first.replace(password, "***")
+    for secret in _passwords(url):
+        first = first.replace(secret, "***")
     return DatabaseUnavailableError(f"cannot connect to the database {redact(url)}: {first}")
+
+
+def _passwords(url: str) -> list[str]:
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v]
+    return found
 
 
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:

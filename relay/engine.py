@@ -17,12 +17,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg_pool import PoolTimeout
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 
 from .backoff import Backoff
 from .config import Route, Settings
@@ -41,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 _OUTAGE_BACKOFF = Backoff(initial=0.5, maximum=30.0)
+_RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
 
 @dataclass
@@ -230,7 +226,7 @@ class Engine:
         """Write the outcome; ride out a short database outage rather than redeliver."""
         retrying = AsyncRetrying(
             stop=stop_after_delay(self.settings.lease_seconds * 0.8),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=_RECORD_BACKOFF.delay_strategy,
             retry=retry_if_exception_type(DB_ERRORS),
             reraise=True,
         )

@@ -7,9 +7,6 @@ import sys
 
 import orjson
 
-from .config import OPTION_BY_NAME
-from .errors import ConfigError
-
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -25,12 +22,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str) -> None:
-    """Configure the root logger once, at the edge (the CLI)."""
-    try:
-        level = OPTION_BY_NAME["log_level"].parse(level)
-        fmt = OPTION_BY_NAME["log_format"].parse(fmt)
-    except ValueError as exc:
-        raise ConfigError(f"logging: {exc}") from exc
+    """Configure the root logger once, at the edge (the CLI), from validated settings."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter()

@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 _PERMANENT_NAMES = (
     "MSG_SIZE_TOO_LARGE",
-    "_MSG_SIZE_TOO_LARGE",
     "RECORD_LIST_TOO_LARGE",
     "INVALID_RECORD",
     "TOPIC_AUTHORIZATION_FAILED",
@@ -162,6 +161,10 @@ class KafkaSink:
                     on_delivery=batch.callback(index),
                 )
             except BufferError:
+                # The local queue is full: serve delivery reports to make room, unless
+                # shutting down, in which case the message stays unsent (released).
+                if self._aborted.is_set():
+                    return
                 producer.poll(self._poll_interval)
                 continue
             except KafkaException as exc:
