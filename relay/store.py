@@ -77,7 +77,8 @@ class Store:
             open=False,
             kwargs={"application_name": f"outbox-relay {relay_id}"[:63], "options": _SESSION},
             check=AsyncConnectionPool.check_connection,
-            reconnect_timeout=0,
+            # A checkout waits at most this long; the engine backs off and retries.
+            timeout=10.0,
         )
         return cls(pool, schema, relay_id)
 

@@ -21,7 +21,7 @@ SELECT to_regclass(format('%%I.schema_migrations', %(schema)s::text)) IS NOT NUL
 SELECT version, checksum FROM {schema}.schema_migrations ORDER BY version
 
 -- name: set_search_path
-SET LOCAL search_path TO {schema}, pg_catalog
+SET LOCAL search_path TO {schema}, pg_catalog, pg_temp
 
 -- name: record
 INSERT INTO {schema}.schema_migrations (version, name, checksum)

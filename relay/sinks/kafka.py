@@ -52,12 +52,31 @@ _UNAVAILABLE_NAMES = (
 )
 
 
+# The producer's idempotence state is broken (e.g. the broker fenced the epoch librdkafka
+# bumped after timed-out requests): every later record fails the same way until a new
+# producer (new producer id) replaces it. Nothing is wrong with the messages themselves.
+_PRODUCER_RESET_NAMES = (
+    "PRODUCER_FENCED",
+    "INVALID_PRODUCER_EPOCH",
+    "UNKNOWN_PRODUCER_ID",
+    "OUT_OF_ORDER_SEQUENCE_NUMBER",
+    "INVALID_PRODUCER_ID_MAPPING",
+    "_FENCED",
+    "_FATAL",
+)
+
+
 def _codes(names: Sequence[str]) -> frozenset[int]:
     return frozenset(getattr(KafkaError, n) for n in names if hasattr(KafkaError, n))
 
 
 PERMANENT_CODES = _codes(_PERMANENT_NAMES)
 UNAVAILABLE_CODES = _codes(_UNAVAILABLE_NAMES)
+PRODUCER_RESET_CODES = _codes(_PRODUCER_RESET_NAMES)
+
+
+def needs_new_producer(error: KafkaError) -> bool:
+    return bool(error.fatal()) or error.code() in PRODUCER_RESET_CODES
 
 
 def classify(error: KafkaError) -> Failed:
@@ -70,7 +89,7 @@ def classify(error: KafkaError) -> Failed:
     detail = error.str() or ""
     if error.code() in PERMANENT_CODES:
         return Failed("permanent", reason, detail)
-    if error.code() in UNAVAILABLE_CODES or error.fatal():
+    if error.code() in UNAVAILABLE_CODES or needs_new_producer(error):
         return Failed("unavailable", reason, detail)
     return Failed("retry", reason, detail)
 
@@ -98,7 +117,7 @@ class _Batch:
             if error is None:
                 self.set(index, Delivered(record.partition(), record.offset()))
             else:
-                self.fatal = self.fatal or error.fatal()
+                self.fatal = self.fatal or needs_new_producer(error)
                 self.set(index, classify(error))
 
         return on_delivery
@@ -175,7 +194,7 @@ class KafkaSink:
             return
 
     def _drop_producer(self, producer: Producer) -> None:
-        log.warning("kafka producer hit a fatal error; a new producer will be created")
+        log.warning("kafka producer state is unusable (fenced or fatal); replacing the producer")
         with self._lock:
             if self._producer is producer:
                 self._producer = None
@@ -184,6 +203,8 @@ class KafkaSink:
         self._aborted.set()
 
     async def close(self) -> None:
-        producer = self._producer
+        with self._lock:
+            producer, self._producer = self._producer, None
         if producer is not None:
             await asyncio.to_thread(producer.flush, 5.0)
+            del producer  # disconnects now rather than whenever the sink is collected

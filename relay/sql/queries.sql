@@ -23,8 +23,7 @@ WITH candidate AS (
 UPDATE {schema}.message m
    SET claimed_by = %(relay)s,
        claimed_until = now() + %(lease)s
-  FROM candidate c
- WHERE m.seq = c.seq
+ WHERE m.seq = ANY(ARRAY(SELECT seq FROM candidate))
 RETURNING m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
           m.idempotency_key, m.created_at, 0 AS attempts, NULL::text AS route
 

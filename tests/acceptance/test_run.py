@@ -1,0 +1,278 @@
+"""``outbox-relay run`` end to end: PostgreSQL outbox to a real Kafka-compatible broker
+(CONTRACT sections 4, 5 and 8)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.cli import (
+    error_lines,
+    migrate,
+    publish_many,
+    query,
+    run_cli,
+    scalar,
+    start_relay,
+)
+from tests.harness.kafka import KafkaEndpoint, Record, consume_all, consume_for, create_topic
+
+pytestmark = pytest.mark.acceptance
+
+CONTRACT_HEADERS = ["idempotency-key", "outbox-message-id", "outbox-topic"]
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _relay_env(database_url: str, bootstrap: str | None = None) -> dict[str, str | None]:
+    return {"OUTBOX_DATABASE_URL": database_url, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+
+
+def _index(record: Record) -> int:
+    return int(json.loads(record.value)["i"])
+
+
+def test_run_delivers_everything_with_contract_headers_and_stops_on_sigterm(
+    database_url: str, kafka: KafkaEndpoint, topic_name: str
+) -> None:
+    migrate(database_url)
+    create_topic(kafka.bootstrap, topic_name, partitions=3)
+    count = 200
+    messages = [
+        {
+            "topic": topic_name,
+            "payload": {"i": i},
+            "key": f"k{i % 7}",
+            "headers": {"tenant": "acme"},
+            "idempotency_key": f"order-{i}" if i % 2 == 0 else None,
+        }
+        for i in range(count)
+    ]
+    ids = publish_many(database_url, messages)
+
+    with start_relay(env=_relay_env(database_url, kafka.bootstrap)) as relay:
+        records = consume_all(kafka.bootstrap, topic_name, expected=count, timeout=30)
+        assert len(records) == count, relay.output
+
+        by_id = {str(msg_id): i for i, msg_id in enumerate(ids)}
+        assert {r.header("outbox-message-id").decode() for r in records} == set(by_id)  # type: ignore[union-attr]
+        for record in records:
+            msg_id = record.header("outbox-message-id").decode()  # type: ignore[union-attr]
+            i = by_id[msg_id]
+            assert _index(record) == i
+            assert record.key == f"k{i % 7}".encode()
+            assert [name for name, _ in record.headers][:3] == CONTRACT_HEADERS
+            assert record.header("outbox-topic") == topic_name.encode()
+            expected_idem = f"order-{i}" if i % 2 == 0 else msg_id
+            assert record.header("idempotency-key") == expected_idem.encode()
+            assert record.header("tenant") == b"acme"
+        # Same key, same partition, publish order.
+        for key in {r.key for r in records}:
+            same_key = sorted((r for r in records if r.key == key), key=lambda r: r.offset)
+            assert len({r.partition for r in same_key}) == 1
+            assert [_index(r) for r in same_key] == sorted(_index(r) for r in same_key)
+
+        started = time.monotonic()
+        code = relay.stop(signal.SIGTERM, timeout=15)
+
+    assert code == 0, relay.output
+    assert time.monotonic() - started < 15
+    assert "Traceback" not in relay.output
+    assert scalar(database_url, "SELECT count(*) FROM outbox.message") == 0
+    assert scalar(database_url, "SELECT count(*) FROM outbox.route_pending") == 0
+    assert scalar(database_url, "SELECT count(*) FROM outbox.dead_letter") == 0
+    delivered = query(database_url, "SELECT message_id, topic FROM outbox.delivery")
+    assert len(delivered) == count
+    assert {str(m) for m, _ in delivered} == set(by_id)
+    assert {t for _, t in delivered} == {topic_name}
+
+
+def test_run_delivers_messages_published_while_running_and_stops_on_sigint(
+    database_url: str, kafka: KafkaEndpoint, topic_name: str
+) -> None:
+    migrate(database_url)
+    create_topic(kafka.bootstrap, topic_name)
+
+    with start_relay(env=_relay_env(database_url, kafka.bootstrap)) as relay:
+        publish_many(database_url, [{"topic": topic_name, "payload": {"i": i}} for i in range(5)])
+        records = consume_all(kafka.bootstrap, topic_name, expected=5, timeout=20)
+        assert sorted(_index(r) for r in records) == list(range(5)), relay.output
+        assert all(r.key is None for r in records)
+
+        code = relay.stop(signal.SIGINT, timeout=15)
+
+    assert code == 0, relay.output
+    assert "Traceback" not in relay.output
+    _wait_until(
+        lambda: scalar(database_url, "SELECT count(*) FROM outbox.delivery") == 5, 1, "deliveries"
+    )
+    assert scalar(database_url, "SELECT count(*) FROM outbox.message") == 0
+
+
+def test_sigterm_mid_stream_releases_claims_so_a_restarted_relay_delivers_the_rest(
+    database_url: str, kafka: KafkaEndpoint, topic_name: str
+) -> None:
+    migrate(database_url)
+    create_topic(kafka.bootstrap, topic_name)
+    count = 3000
+    ids = publish_many(
+        database_url, [{"topic": topic_name, "payload": {"i": i}} for i in range(count)]
+    )
+    env = _relay_env(database_url, kafka.bootstrap)
+    small_batches = ("--batch-size", "50")
+
+    with start_relay(*small_batches, env=env) as first:
+        _wait_until(
+            lambda: scalar(database_url, "SELECT count(*) FROM outbox.delivery") > 0,
+            15,
+            "the first deliveries",
+        )
+        assert first.stop(signal.SIGTERM, timeout=15) == 0, first.output
+
+    left = scalar(database_url, "SELECT count(*) FROM outbox.message")
+    if left == 0:
+        pytest.skip("the relay drained everything before SIGTERM; nothing was in flight")
+    # Whatever the stopped relay held was finished or released, not left under its lease.
+    assert (
+        scalar(database_url, "SELECT count(*) FROM outbox.message WHERE claimed_until > now()") == 0
+    )
+    assert scalar(database_url, "SELECT count(*) FROM outbox.route_pending") == 0
+
+    with start_relay(*small_batches, env=env) as second:
+        _wait_until(
+            lambda: scalar(database_url, "SELECT count(*) FROM outbox.message") == 0,
+            20,
+            "the second relay to drain the outbox",
+        )
+        assert second.stop() == 0, second.output
+
+    delivered = query(database_url, "SELECT DISTINCT message_id FROM outbox.delivery")
+    assert {m for (m,) in delivered} == set(ids)
+    records = consume_all(kafka.bootstrap, topic_name, expected=count, timeout=20)
+    assert {_index(r) for r in records} == set(range(count))
+
+
+def _routes_config(tmp_config: Callable[..., Path], bootstrap: str, kafka_topic: str) -> str:
+    return str(
+        tmp_config(
+            f"""
+[kafka]
+bootstrap_servers = "{bootstrap}"
+
+[kafka.producer]
+"linger.ms" = 5
+
+[[routes]]
+name = "orders-to-kafka"
+topics = ["orders.*"]
+sink = "kafka"
+kafka_topic = "{kafka_topic}"
+"""
+        )
+    )
+
+
+def test_run_with_routes_from_a_toml_file_and_a_topic_no_route_matches(
+    database_url: str, kafka: KafkaEndpoint, topic_name: str, tmp_config: Callable[..., Path]
+) -> None:
+    migrate(database_url)
+    create_topic(kafka.bootstrap, topic_name)
+    config = _routes_config(tmp_config, kafka.bootstrap, topic_name)
+    publish_many(
+        database_url,
+        [
+            {"topic": "orders.created", "payload": {"i": 0}, "key": "7"},
+            {"topic": "orders.paid", "payload": {"i": 1}, "key": "7"},
+            {"topic": "orders.created", "payload": {"i": 2}, "key": "8"},
+            {"topic": "audit.x", "payload": {"i": 3}},
+        ],
+    )
+
+    # No OUTBOX_KAFKA_BOOTSTRAP_SERVERS: the file's [kafka] section must be enough.
+    with start_relay("--config", config, env={"OUTBOX_DATABASE_URL": database_url}) as relay:
+        records = consume_all(kafka.bootstrap, topic_name, expected=3, timeout=20)
+        assert sorted(_index(r) for r in records) == [0, 1, 2], relay.output
+        assert {(r.header("outbox-topic"), _index(r)) for r in records} == {
+            (b"orders.created", 0), (b"orders.paid", 1), (b"orders.created", 2),
+        }  # fmt: skip
+        _wait_until(
+            lambda: scalar(database_url, "SELECT count(*) FROM outbox.dead_letter") == 1,
+            10,
+            "the unroutable message to be dead-lettered",
+        )
+        assert relay.stop() == 0, relay.output
+
+    assert consume_for(kafka.bootstrap, "audit.x", 0.3) == []
+    dead = query(database_url, "SELECT topic, reason, payload FROM outbox.dead_letter")
+    assert len(dead) == 1
+    topic, reason, payload = dead[0]
+    assert topic == "audit.x"
+    assert reason == "no route"
+    assert json.loads(bytes(payload)) == {"i": 3}
+    assert scalar(database_url, "SELECT count(*) FROM outbox.message") == 0
+    assert scalar(database_url, "SELECT count(*) FROM outbox.delivery") == 3
+
+    status = run_cli("status", "--json", env={"OUTBOX_DATABASE_URL": database_url})
+
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["topics"]["audit.x"] == {
+        "pending": 0, "dead": 1, "oldest_pending_age_seconds": None,
+    }  # fmt: skip
+
+
+def test_run_logs_a_topic_that_matches_no_route(
+    database_url: str, kafka: KafkaEndpoint, topic_name: str, tmp_config: Callable[..., Path]
+) -> None:
+    migrate(database_url)
+    config = _routes_config(tmp_config, kafka.bootstrap, topic_name)
+    publish_many(database_url, [{"topic": "audit.x", "payload": {"i": 0}}])
+
+    with start_relay("--config", config, env={"OUTBOX_DATABASE_URL": database_url}) as relay:
+        _wait_until(
+            lambda: scalar(database_url, "SELECT count(*) FROM outbox.dead_letter") == 1,
+            10,
+            "the unroutable message to be dead-lettered",
+        )
+        assert relay.stop() == 0
+
+    logged = [line for line in relay.output.splitlines() if "audit.x" in line]
+    assert logged, relay.output
+    assert any("route" in line for line in logged)
+
+
+def test_run_on_an_unmigrated_database_says_to_migrate(
+    database_url: str, kafka: KafkaEndpoint
+) -> None:
+    result = run_cli("run", env=_relay_env(database_url, kafka.bootstrap), timeout=60)
+
+    assert result.returncode == 1, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("outbox-relay: error:")
+    assert "outbox-relay migrate" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert scalar(database_url, "SELECT to_regnamespace('outbox') IS NULL") is True
+
+
+def test_run_without_kafka_or_routes_is_a_usage_error(database_url: str) -> None:
+    migrate(database_url)
+
+    result = run_cli("run", env=_relay_env(database_url))
+
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("outbox-relay: error:")
+    assert "OUTBOX_KAFKA_BOOTSTRAP_SERVERS" in lines[0] or "routes" in lines[0]
