@@ -89,6 +89,8 @@ async def run_relay(
     store = await open_store(settings, relay_id)
     engine = Engine(settings, store, routes)
     stop = stop or _stop_on_signals(engine, settings.shutdown_grace)
+    if settings.metrics_port is not None:
+        log.warning("--metrics-port is not served yet (observability release); ignoring it")
     log.info("relay %s started: %d route(s), schema %s", relay_id, len(routes), settings.schema)
     if on_start:
         on_start(engine)

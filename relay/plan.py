@@ -94,6 +94,8 @@ def verdict(
         return Dead(attempts, result.reason, error)
     if result.kind == "unavailable":
         return Pending(prior_attempts, pause, error, unavailable=True)
+    if result.kind == "held":
+        return parked()
     if attempts >= max_attempts:
         return Dead(attempts, f"max attempts reached ({result.reason})", error)
     return Pending(attempts, backoff, error)

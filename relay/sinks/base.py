@@ -7,6 +7,9 @@ result, classified so the relay knows what to do:
   released without spending its retry budget, and the route pauses with backoff.
 - ``retry``: this message failed for now; retry it after its backoff, counting an attempt.
 - ``permanent``: it can never succeed as it is (too large, not authorized): dead-letter it.
+- ``held``: not attempted, because an earlier message of its key failed in this batch; it
+  queues behind that message (no attempt spent). Sinks that send one message at a time use
+  :class:`KeyGate` to produce it, so a later message never overtakes a failed one.
 
 A third sink (NATS, SQS, ...) is one new module implementing :class:`Sink`.
 """
@@ -21,7 +24,7 @@ from typing import Literal, Protocol
 
 from ..config import Route
 
-FailureKind = Literal["unavailable", "retry", "permanent"]
+FailureKind = Literal["unavailable", "retry", "permanent", "held"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,33 @@ class Failed:
 
 
 Result = Delivered | Failed
+
+
+class KeyGate:
+    """Per-batch memory of which keys failed, for sinks that send one message at a time.
+
+    Once a message of a key fails (other than permanently: a dead letter does not block its
+    key), later messages of that key in the batch are not sent. During an outage they are
+    reported unavailable like their predecessor; otherwise they are held behind it.
+    """
+
+    def __init__(self) -> None:
+        self._failed: dict[tuple[str, bytes], FailureKind] = {}
+
+    def check(self, message: Outbound) -> Failed | None:
+        """A result to report instead of sending ``message``, or None to send it."""
+        if message.key is None:
+            return None
+        kind = self._failed.get((message.topic, message.key))
+        if kind is None:
+            return None
+        detail = "an earlier message of this key failed in this batch"
+        return Failed("unavailable" if kind == "unavailable" else "held", "held", detail)
+
+    def record(self, message: Outbound, result: Result) -> None:
+        if message.key is None or not isinstance(result, Failed) or result.kind == "permanent":
+            return
+        self._failed.setdefault((message.topic, message.key), result.kind)
 
 
 class Sink(Protocol):

@@ -1,0 +1,212 @@
+"""The claim/record state machine on a real PostgreSQL, driven by scripted sinks.
+
+Kafka rarely fails one message and not its neighbours, so retries, parking, dead letters and
+fan-out are exercised here with sinks whose answers the test decides. The database, the
+engine and every SQL statement are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+
+import psycopg
+import pytest
+from sqlalchemy import Engine
+
+from relay.backoff import Backoff
+from relay.config import Route
+from relay.engine import RouteRuntime
+from relay.sinks.base import Delivered, Failed, KeyGate, Outbound, Result
+from tests.harness.relay import (
+    RelayThread,
+    migrate,
+    publish_many,
+    sa_engine,
+    scalar,
+    settings_for,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+Decide = Callable[[int, int], Result]  # (n, attempt) -> result
+
+
+class ScriptedSink:
+    """A one-at-a-time sink answering ``decide(n, attempt)``; remembers what it delivered."""
+
+    def __init__(self, decide: Decide) -> None:
+        self.decide = decide
+        self.attempts: Counter[int] = Counter()
+        self.delivered: list[tuple[str | None, int]] = []
+
+    async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        results: list[Result] = []
+        gate = KeyGate()
+        for message in batch:
+            results.append(gate.check(message) or self._attempt(message))
+            gate.record(message, results[-1])
+        return results
+
+    def _attempt(self, message: Outbound) -> Result:
+        n = json.loads(message.payload)["n"]
+        self.attempts[n] += 1
+        result = self.decide(n, self.attempts[n])
+        if isinstance(result, Delivered):
+            self.delivered.append((message.key.decode() if message.key else None, n))
+        return result
+
+    def abort(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def order_by_key(self) -> dict[str | None, list[int]]:
+        by_key: dict[str | None, list[int]] = defaultdict(list)
+        for key, n in self.delivered:
+            by_key[key].append(n)
+        return by_key
+
+
+def runtime(name: str, sink: ScriptedSink, max_attempts: int = 5) -> RouteRuntime:
+    route = Route(
+        name=name, topics=("*",), sink="kafka", max_attempts=max_attempts,
+        backoff_initial_s=0.05, backoff_max_s=0.2,
+    )  # fmt: skip
+    return RouteRuntime(route, sink, Backoff(route.first_backoff, route.max_backoff))
+
+
+@pytest.fixture
+def url(database_url: str) -> str:
+    return migrate(database_url)
+
+
+@pytest.fixture
+def engine(url: str) -> Iterator[Engine]:
+    sa = sa_engine(url)
+    yield sa
+    sa.dispose()
+
+
+def relay_with(url: str, *runtimes: RouteRuntime, batch_size: int = 50) -> RelayThread:
+    settings = settings_for(url, "127.0.0.1:1", batch_size=batch_size, poll_interval=0.05)
+    return RelayThread(settings, routes=runtimes)
+
+
+def ok(_n: int, _attempt: int) -> Result:
+    return Delivered()
+
+
+def test_transient_failure_retries_with_backoff_and_parks_only_its_key(
+    url: str, engine: Engine
+) -> None:
+    def decide(n: int, attempt: int) -> Result:
+        return Failed("retry", "flaky", "try later") if n == 3 and attempt < 3 else Delivered()
+
+    sink = ScriptedSink(decide)
+    committed = publish_many(engine, "t", 60, keys=3, per_tx=60)
+    with relay_with(url, runtime("r", sink)) as relay:
+        relay.wait_delivered(60, timeout=30)
+    order = sink.order_by_key()
+    assert order["k0"] == [n for n in committed if n % 3 == 0], "key k0 (holds n=3) kept order"
+    assert order["k1"] == [n for n in committed if n % 3 == 1]
+    assert sink.attempts[3] == 3 and sink.attempts[6] == 1, "parked messages are sent once"
+    with psycopg.connect(url) as conn:
+        attempts = conn.execute(
+            "SELECT attempts FROM outbox.delivery WHERE convert_from(payload, 'UTF8') = '{\"n\":3}'"
+        ).fetchone()
+    assert attempts == (3,)
+    assert scalar(url, "SELECT count(*) FROM outbox.route_pending") == 0
+    assert scalar(url, "SELECT count(*) FROM outbox.message") == 0
+
+
+def test_other_keys_are_not_held_back_by_a_retrying_message(url: str, engine: Engine) -> None:
+    def decide(n: int, attempt: int) -> Result:
+        return Failed("retry", "slow", "") if n == 0 and attempt < 4 else Delivered()
+
+    sink = ScriptedSink(decide)
+    route = runtime("r", sink)
+    route.backoff = Backoff(1.0, 1.0, jitter=0.0)
+    publish_many(engine, "t", 40, keys=4, per_tx=40)
+    with relay_with(url, route) as relay:
+        relay.wait_delivered(30, timeout=10)
+        assert [n for _, n in sink.delivered if n % 4 == 0] == [], "k0 waits behind n=0"
+        assert scalar(url, "SELECT count(*) FROM outbox.route_pending") == 10
+        relay.wait_delivered(40, timeout=30)
+    assert sink.order_by_key()["k0"] == list(range(0, 40, 4))
+
+
+def test_permanent_failure_dead_letters_without_holding_back_its_key(
+    url: str, engine: Engine
+) -> None:
+    def decide(n: int, _attempt: int) -> Result:
+        return Failed("permanent", "rejected", "bad record") if n == 5 else Delivered()
+
+    sink = ScriptedSink(decide)
+    publish_many(engine, "t", 20, keys=2, per_tx=20)
+    with relay_with(url, runtime("r", sink)) as relay:
+        relay.wait_delivered(19)
+        wait_until(lambda: relay.engine is not None and relay.engine.stats.dead == 1, 10, "dead")
+    assert sink.order_by_key()["k1"] == [1, 3, 7, 9, 11, 13, 15, 17, 19]
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT route, reason, attempts, last_error FROM outbox.dead_letter"
+        ).fetchone()
+    assert row == ("r", "rejected", 1, "rejected: bad record")
+
+
+def test_retries_exhausted_become_a_dead_letter(url: str, engine: Engine) -> None:
+    sink = ScriptedSink(lambda n, _a: Failed("retry", "HTTP 503", "") if n == 0 else Delivered())
+    publish_many(engine, "t", 5, keys=1)
+    with relay_with(url, runtime("r", sink, max_attempts=3)) as relay:
+        relay.wait_delivered(4, timeout=20)
+    assert sink.attempts[0] == 3
+    assert sink.order_by_key()["k0"] == [1, 2, 3, 4]
+    with psycopg.connect(url) as conn:
+        reason, attempts = conn.execute(
+            "SELECT reason, attempts FROM outbox.dead_letter"
+        ).fetchone()
+    assert reason == "max attempts reached (HTTP 503)" and attempts == 3
+
+
+def test_outage_spends_no_attempts_and_dead_letters_nothing(url: str, engine: Engine) -> None:
+    state = {"down": True}
+
+    def decide(_n: int, _attempt: int) -> Result:
+        return Failed("unavailable", "_TRANSPORT", "down") if state["down"] else Delivered()
+
+    sink = ScriptedSink(decide)
+    publish_many(engine, "t", 30, keys=3)
+    with relay_with(url, runtime("r", sink, max_attempts=2)) as relay:
+        # Three rounds, each trying the first message of each key: more than max_attempts.
+        wait_until(lambda: min(sink.attempts[n] for n in range(3)) >= 3, 20, "failed rounds")
+        assert scalar(url, "SELECT count(*) FROM outbox.dead_letter") == 0
+        assert scalar(url, "SELECT count(*) FROM outbox.route_pending") == 0, "released, not parked"
+        state["down"] = False
+        relay.wait_delivered(30, timeout=40)
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT DISTINCT attempts FROM outbox.delivery").fetchall() == [(1,)]
+    for key, numbers in sink.order_by_key().items():
+        assert numbers == sorted(numbers), key
+
+
+def test_fan_out_failing_route_never_delays_the_other(url: str, engine: Engine) -> None:
+    good = ScriptedSink(ok)
+    bad = ScriptedSink(lambda n, a: Failed("retry", "flaky", "") if a < 3 else Delivered())
+    publish_many(engine, "t", 40, keys=4, per_tx=40)
+    with relay_with(url, runtime("good", good), runtime("bad", bad)) as relay:
+        wait_until(lambda: len(good.delivered) == 40, 10, "the healthy route")
+        assert scalar(url, "SELECT count(*) FROM outbox.message WHERE fanned") > 0
+        wait_until(lambda: len(bad.delivered) == 40, 40, "the failing route to catch up")
+        wait_until(lambda: scalar(url, "SELECT count(*) FROM outbox.message") == 0, 10, "done")
+    with psycopg.connect(url) as conn:
+        per_route = dict(conn.execute(
+            "SELECT route, count(*) FROM outbox.delivery GROUP BY route"
+        ).fetchall())  # fmt: skip
+    assert per_route == {"good": 40, "bad": 40}
+    for sink in (good, bad):
+        for key, numbers in sink.order_by_key().items():
+            assert numbers == sorted(numbers), key
