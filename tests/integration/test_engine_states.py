@@ -197,7 +197,7 @@ def test_fan_out_failing_route_never_delays_the_other(url: str, engine: Engine) 
     good = ScriptedSink(ok)
     bad = ScriptedSink(lambda n, a: Failed("retry", "flaky", "") if a < 3 else Delivered())
     publish_many(engine, "t", 40, keys=4, per_tx=40)
-    with relay_with(url, runtime("good", good), runtime("bad", bad)) as relay:
+    with relay_with(url, runtime("good", good), runtime("bad", bad)):
         wait_until(lambda: len(good.delivered) == 40, 10, "the healthy route")
         assert scalar(url, "SELECT count(*) FROM outbox.message WHERE fanned") > 0
         wait_until(lambda: len(bad.delivered) == 40, 40, "the failing route to catch up")

@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from relay.sinks.base import Delivered, Failed, Outbound
-from relay.sinks.kafka import KafkaSink, _Batch, classify, record_headers
+from relay.sinks.kafka import KafkaSink, _Batch, classify, needs_new_producer, record_headers
 
 
 def outbound(
@@ -62,9 +62,19 @@ def test_outage_errors_are_unavailable(code: int) -> None:
 
 
 def test_unlisted_error_is_retried() -> None:
-    failed = classify(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER))
+    failed = classify(KafkaError(KafkaError.INVALID_TIMESTAMP))
     assert failed.kind == "retry"
-    assert failed.reason == "OUT_OF_ORDER_SEQUENCE_NUMBER"
+    assert failed.reason == "INVALID_TIMESTAMP"
+
+
+@pytest.mark.parametrize(
+    "code", [KafkaError.PRODUCER_FENCED, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER]
+)
+def test_fenced_producer_is_an_outage_and_gets_replaced(code: int) -> None:
+    """Seen on a broker paused past message.timeout.ms: the bumped epoch gets fenced."""
+    error = KafkaError(code)
+    assert classify(error).kind == "unavailable"
+    assert needs_new_producer(error)
 
 
 def test_fatal_unlisted_error_is_unavailable_not_a_spent_attempt() -> None:
