@@ -115,8 +115,10 @@ bootstrap_servers = "{kafka_broker.bootstrap}"
     with RelayThread(settings_for(url, None, config=str(config))) as relay:
         relay.wait_delivered(200)
         with kafka_broker.paused():
-            during = publish_many(engine, topic_name, 300, keys=7, per_tx=30)
-            during = [n + 200 for n in during]
+            during = [
+                n for start in range(200, 500, 30)
+                for n in _publish_offset(engine, topic_name, start, 30, 7)
+            ]  # fmt: skip
             time.sleep(6)  # four times the producer's whole retry budget
             assert relay.delivered == 200
             assert scalar(url, "SELECT count(*) FROM outbox.dead_letter") == 0
