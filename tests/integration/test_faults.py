@@ -12,7 +12,6 @@ import random
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -25,27 +24,13 @@ from tests.harness.kafka import Record, consume_all, consume_to_end, create_topi
 from tests.harness.relay import (
     RelayProcess,
     RelayThread,
-    migrate,
     publish_many,
-    sa_engine,
     scalar,
     settings_for,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def url(database_url: str) -> str:
-    return migrate(database_url)
-
-
-@pytest.fixture
-def engine(url: str) -> Iterator[Engine]:
-    sa = sa_engine(url)
-    yield sa
-    sa.dispose()
 
 
 def read_topic(bootstrap: str, topic: str, at_least: int, timeout: float = 60.0) -> list[Record]:

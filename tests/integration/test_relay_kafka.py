@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -16,27 +15,13 @@ import outbox_lib
 from tests.harness.kafka import Record, consume_all, consume_for, create_topic
 from tests.harness.relay import (
     RelayThread,
-    migrate,
     publish_many,
-    sa_engine,
     scalar,
     settings_for,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def url(database_url: str) -> str:
-    return migrate(database_url)
-
-
-@pytest.fixture
-def engine(url: str) -> Iterator[Engine]:
-    sa = sa_engine(url)
-    yield sa
-    sa.dispose()
 
 
 def _numbers(records: list[Record]) -> list[int]:
