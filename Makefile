@@ -34,8 +34,14 @@ format: $(STAMP)
 	$(BIN)/ruff format outbox_lib relay tests
 	$(BIN)/ruff check --fix outbox_lib relay tests
 
-bench: $(STAMP)
-	$(BIN)/python -m tests.benchmarks.bench
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m tests.benchmarks.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -55,7 +55,7 @@ def _runtime(route: Route, sink: Sink) -> RouteRuntime:
 
 async def open_store(settings: Settings, relay_id: str) -> Store:
     url = settings.require_database_url()
-    store = Store.create(to_libpq(url), settings.schema, relay_id)
+    store = Store.create(to_libpq(url), settings.schema, relay_id, settings.hold_seconds)
     try:
         await store.open(timeout=30.0)
     except PoolTimeout as exc:

@@ -54,6 +54,7 @@ _RUN = (
     "metrics_port",
     "batch_size",
     "lease_seconds",
+    "hold_seconds",
     "poll_interval",
     "shutdown_grace",
 )

@@ -88,8 +88,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("schema", _schema, "outbox", "schema holding the outbox tables"),
     Option("kafka_bootstrap_servers", str, None, "Kafka bootstrap servers (host:port,...)"),
     Option("metrics_port", _port, None, "port serving /metrics, /healthz and /readyz"),
-    Option("batch_size", _positive_int, 1000, "messages claimed per batch"),
+    Option("batch_size", _positive_int, 2000, "messages claimed per batch"),
     Option("lease_seconds", _seconds, 120.0, "how long a claim is held before others may retry it"),
+    Option(
+        "hold_seconds",
+        _seconds,
+        5.0,
+        "longest a batch stays locked in its claiming transaction; slower sends become a lease",
+    ),
     Option("poll_interval", _seconds, 1.0, "longest sleep between claims when NOTIFY is quiet"),
     Option("shutdown_grace", _seconds, 10.0, "time given to in-flight sends on SIGTERM"),
     Option("log_level", _log_level, "INFO", "debug, info, warning or error"),
@@ -158,8 +164,9 @@ class Settings:
     schema: str = "outbox"
     kafka_bootstrap_servers: str | None = None
     metrics_port: int | None = None
-    batch_size: int = 1000
+    batch_size: int = 2000
     lease_seconds: float = 120.0
+    hold_seconds: float = 5.0
     poll_interval: float = 1.0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"

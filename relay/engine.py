@@ -10,6 +10,7 @@ route, and claims never pass an earlier message of the same key that is leased o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -31,10 +32,12 @@ from .plan import (
     verdict,
 )
 from .sinks.base import Failed, Outbound, Result, Sink
-from .store import Store, listen
+from .store import HeldBatch, Store, listen
 
 log = logging.getLogger(__name__)
 
+Item = tuple[int, str]  # (message seq, route name)
+SendResults = list[tuple[str, list[tuple[Outbound, Result]]]]
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 _OUTAGE_BACKOFF = Backoff(initial=0.5, maximum=30.0)
 _RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
@@ -79,14 +82,18 @@ class Engine:
     store: Store
     routes: list[RouteRuntime]
     stats: Stats = field(default_factory=Stats)
-    _prefetch: asyncio.Future[list[Outbound]] | None = None
+    _prefetch: asyncio.Future[HeldBatch] | None = None
+    _matches: dict[str, list[RouteRuntime]] = field(default_factory=dict)
     _stop: asyncio.Event | None = None
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
 
     def _routes_for(self, topic: str) -> list[RouteRuntime]:
-        return [r for r in self.routes if r.route.matches(topic)]
+        matched = self._matches.get(topic)
+        if matched is None:
+            matched = self._matches[topic] = [r for r in self.routes if r.route.matches(topic)]
+        return matched
 
     async def run(self, stop: asyncio.Event, conninfo: str) -> None:
         """Drain until ``stop`` is set, then hand back anything still held."""
@@ -128,32 +135,56 @@ class Engine:
         active = [r for r in self.routes if r.pause_left() == 0]
         if self.routes and not active:
             return 0
-        first = await self._take_prefetched() or await self._claim_first()
-        if first:
-            await self._first_pass(first)
-        names = [r.route.name for r in active]
-        retry = await self.store.claim_retry_pass(
-            self.settings.batch_size, self.settings.lease_seconds, names
+        held = await self._take_prefetched() or await self.store.hold_first_pass(
+            self.settings.batch_size
         )
+        first = held.messages
+        pending = await self.store.any_route_pending()
+        if first:
+            await self._first_pass(held, pending)
+        retry: list[tuple[Outbound, str]] = []
+        if pending:
+            names = [r.route.name for r in active]
+            retry = await self.store.claim_retry_pass(
+                self.settings.batch_size, self.settings.lease_seconds, names
+            )
         if retry:
             await self._retry_pass(retry)
         self.stats.batches += 1
         self.stats.claimed += len(first) + len(retry)
         return max(len(first), len(retry))
 
-    async def _claim_first(self) -> list[Outbound]:
-        return await self.store.claim_first_pass(
-            self.settings.batch_size, self.settings.lease_seconds
-        )
-
-    async def _take_prefetched(self) -> list[Outbound]:
+    async def _take_prefetched(self) -> HeldBatch | None:
         task, self._prefetch = self._prefetch, None
-        return await task if task is not None else []
+        return await task if task is not None else None
 
-    async def _first_pass(self, messages: list[Outbound]) -> None:
-        blocked = await self.store.blocked_keys(messages)
+    async def _first_pass(self, held: HeldBatch, pending: bool) -> None:
+        """Send a held batch; record in its transaction, or lease it if sending is slow."""
+        try:
+            sending, routes_of, verdicts = await self._start_first_pass(held.messages, pending)
+            self._maybe_prefetch(len(held.messages))
+            done, _ = await asyncio.wait({sending}, timeout=self.settings.hold_seconds)
+            if not done:
+                await held.lease(self.settings.lease_seconds)
+        except BaseException:
+            await held.abandon()
+            raise
+        self._judge_all(await sending, verdicts)
+        plan = plan_first_pass(held.messages, verdicts, routes_of)
+        if done:
+            await held.commit(plan)
+            self._count(plan)
+        else:
+            await self._record(plan)
+        _log_dead_letters(plan, {m.seq: m for m in held.messages})
+
+    async def _start_first_pass(
+        self, messages: list[Outbound], pending: bool
+    ) -> tuple[asyncio.Future[SendResults], dict[int, list[str]], dict[Item, Verdict]]:
+        """Route every message, park what must queue behind its key, start the sends."""
+        blocked = await self.store.blocked_keys(messages) if pending else set()
         routes_of: dict[int, list[str]] = {}
-        verdicts: dict[tuple[int, str], Verdict] = {}
+        verdicts: dict[Item, Verdict] = {}
         to_send: dict[str, list[Outbound]] = {}
         for message in messages:
             matched = self._routes_for(message.topic)
@@ -166,15 +197,13 @@ class Engine:
                     verdicts[(message.seq, name)] = self._judge(runtime, message, _PAUSED)
                 else:
                     to_send.setdefault(name, []).append(message)
-        sending = asyncio.ensure_future(self._send_all(to_send))
-        self._maybe_prefetch(len(messages))
-        for name, batch_results in await sending:
+        return asyncio.ensure_future(self._send_all(to_send)), routes_of, verdicts
+
+    def _judge_all(self, sent: SendResults, verdicts: dict[Item, Verdict]) -> None:
+        for name, batch_results in sent:
             runtime = self._runtime(name)
             for message, result in batch_results:
                 verdicts[(message.seq, name)] = self._judge(runtime, message, result)
-        plan = plan_first_pass(messages, verdicts, routes_of)
-        await self._record(plan)
-        _log_dead_letters(plan, {m.seq: m for m in messages})
 
     def _maybe_prefetch(self, claimed: int) -> None:
         """While a full batch is being sent, claim the next one: a backlog drains faster.
@@ -183,17 +212,16 @@ class Engine:
         recorded, so its blocked-key check sees whatever this batch left pending.
         """
         if claimed >= self.settings.batch_size and not self._stopping():
-            self._prefetch = asyncio.ensure_future(self._claim_first())
+            self._prefetch = asyncio.ensure_future(
+                self.store.hold_first_pass(self.settings.batch_size)
+            )
 
     async def _retry_pass(self, claimed: list[tuple[Outbound, str]]) -> None:
         to_send: dict[str, list[Outbound]] = {}
         for message, name in claimed:
             to_send.setdefault(name, []).append(message)
-        by_item: dict[tuple[int, str], Verdict] = {}
-        for name, batch_results in await self._send_all(to_send):
-            runtime = self._runtime(name)
-            for message, result in batch_results:
-                by_item[(message.seq, name)] = self._judge(runtime, message, result)
+        by_item: dict[Item, Verdict] = {}
+        self._judge_all(await self._send_all(to_send), by_item)
         verdicts = [by_item[(m.seq, n)] for m, n in claimed]
         plan = plan_retry_pass(claimed, verdicts)
         await self._record(plan)
@@ -202,9 +230,7 @@ class Engine:
     def _runtime(self, name: str) -> RouteRuntime:
         return next(r for r in self.routes if r.route.name == name)
 
-    async def _send_all(
-        self, to_send: dict[str, list[Outbound]]
-    ) -> list[tuple[str, list[tuple[Outbound, Result]]]]:
+    async def _send_all(self, to_send: dict[str, list[Outbound]]) -> SendResults:
         names = list(to_send)
         sent = await asyncio.gather(*(self._send(self._runtime(n), to_send[n]) for n in names))
         return list(zip(names, sent, strict=True))
@@ -223,9 +249,12 @@ class Engine:
         return list(zip(batch, results, strict=True))
 
     def _judge(self, runtime: RouteRuntime, message: Outbound, result: Result) -> Verdict:
-        route = runtime.route
+        if not isinstance(result, Failed):
+            return result
         backoff = runtime.backoff.delay(message.attempts + 1)
-        return verdict(result, message.attempts, route.max_attempts, backoff, runtime.pause_left())
+        return verdict(
+            result, message.attempts, runtime.route.max_attempts, backoff, runtime.pause_left()
+        )
 
     async def _record(self, plan: RecordPlan) -> None:
         """Write the outcome; ride out a short database outage rather than redeliver."""
@@ -238,14 +267,19 @@ class Engine:
         async for attempt in retrying:
             with attempt:
                 await self.store.record(plan)
+        self._count(plan)
+
+    def _count(self, plan: RecordPlan) -> None:
         self.stats.delivered += plan.delivered_count
         self.stats.dead += plan.dead_count
 
     async def _shutdown(self) -> None:
         if self._prefetch is not None:
-            # Claimed but never sent: release_all below hands these rows back.
-            await asyncio.gather(self._prefetch, return_exceptions=True)
-            self._prefetch = None
+            # Locked but never sent: rolling back frees the rows for the next relay.
+            with contextlib.suppress(*DB_ERRORS):
+                held = await self._take_prefetched()
+                if held is not None:
+                    await held.abandon()
         try:
             released = await self.store.release_all()
             if released:

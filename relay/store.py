@@ -13,9 +13,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from outbox_lib._encoding import decode_headers
@@ -28,12 +30,18 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str, bytes]
 
+
 # jit=off: JIT compiles the claim query on every call (its LIMIT + subplan cost estimate
 #   crosses jit_above_cost) and that costs more than running it.
 # synchronous_commit=off: losing the last recorded acknowledgements in a server crash only
 #   means those messages are delivered again, which at-least-once allows; the application's
 #   own publish transactions keep their durability settings.
-_SESSION = "-c jit=off -c synchronous_commit=off"
+# idle_in_transaction_session_timeout: a held batch keeps its transaction open while the
+#   batch is sent (at most hold_seconds); should the relay freeze, the server ends the
+#   session and releases the rows rather than blocking them forever.
+def _session_options(hold_seconds: float) -> str:
+    idle_ms = int((hold_seconds + 30.0) * 1000)
+    return f"-c jit=off -c synchronous_commit=off -c idle_in_transaction_session_timeout={idle_ms}"
 
 
 def _queries(schema: str) -> dict[str, sql.Composed]:
@@ -59,6 +67,11 @@ def _outbound(row: Sequence[Any]) -> Outbound:
     )
 
 
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    # Headers arrive as jsonb on every claimed row: orjson decodes them several times faster.
+    set_json_loads(orjson.loads, conn)
+
+
 class Store:
     """Claims and records work for one relay process."""
 
@@ -69,14 +82,17 @@ class Store:
         self.relay_id = relay_id
 
     @classmethod
-    def create(cls, conninfo: str, schema: str, relay_id: str) -> Store:
+    def create(cls, conninfo: str, schema: str, relay_id: str, hold_seconds: float = 5.0) -> Store:
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
             min_size=1,
-            max_size=3,
+            max_size=4,
             open=False,
-            kwargs={"application_name": f"outbox-relay {relay_id}"[:63], "options": _SESSION},
-            check=AsyncConnectionPool.check_connection,
+            kwargs={
+                "application_name": f"outbox-relay {relay_id}"[:63],
+                "options": _session_options(hold_seconds),
+            },
+            configure=_configure,
             # A checkout waits at most this long; the engine backs off and retries.
             timeout=10.0,
         )
@@ -88,10 +104,39 @@ class Store:
     async def close(self) -> None:
         await self._pool.close()
 
-    async def claim_first_pass(self, limit: int, lease: float) -> list[Outbound]:
-        params = {"limit": limit, "relay": self.relay_id, "lease": dt.timedelta(seconds=lease)}
-        rows = await self._fetch("claim_first_pass", params)
-        return sorted((_outbound(r) for r in rows), key=lambda m: m.seq)
+    def statement(self, name: str) -> sql.Composed:
+        return self._q[name]
+
+    async def hold_first_pass(self, limit: int) -> HeldBatch:
+        """Lock the oldest first-pass messages in a transaction left open for the caller.
+
+        The caller must end it with :meth:`HeldBatch.commit`, :meth:`HeldBatch.lease` or
+        :meth:`HeldBatch.abandon`.
+        """
+        conn = await self._pool.getconn()
+        try:
+            cur = await conn.execute(
+                self._q["hold_first_pass"], {"limit": limit, "relay": self.relay_id}
+            )
+            rows = await cur.fetchall()
+        except BaseException:
+            await self.release_connection(conn, rollback=True)
+            raise
+        if not rows:
+            await self.release_connection(conn, rollback=True)
+            return HeldBatch(self, None, [])
+        return HeldBatch(self, conn, sorted((_outbound(r) for r in rows), key=lambda m: m.seq))
+
+    async def release_connection(
+        self, conn: psycopg.AsyncConnection[Any], *, rollback: bool
+    ) -> None:
+        try:
+            if rollback and not conn.closed:
+                await conn.rollback()
+        except psycopg.Error:
+            pass  # a broken connection: the pool discards it, the server already rolled back
+        finally:
+            await self._pool.putconn(conn)
 
     async def claim_retry_pass(
         self, limit: int, lease: float, routes: Sequence[str]
@@ -105,36 +150,42 @@ class Store:
         rows = await self._fetch("claim_retry_pass", params)
         return sorted(((_outbound(r), str(r[-1])) for r in rows), key=lambda x: x[0].seq)
 
+    async def any_route_pending(self) -> bool:
+        """Cheap probe: is there any per-route retry or parked work at all?"""
+        rows = await self._fetch("any_route_pending", {})
+        return bool(rows and rows[0][0])
+
     async def blocked_keys(self, messages: Sequence[Outbound]) -> set[Key]:
         """(route, topic, key) of these messages that queue behind earlier pending work."""
         keyed = [m for m in messages if m.key is not None]
         if not keyed:
             return set()
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(self._q["any_route_pending"])
-            row = await cur.fetchone()
-            if not row or not row[0]:
-                return set()
-            params = {"topics": [m.topic for m in keyed], "keys": [m.key for m in keyed]}
-            cur = await conn.execute(self._q["blocked_keys"], params)
-            return {(r, t, bytes(k)) for r, t, k in await cur.fetchall()}
+        params = {"topics": [m.topic for m in keyed], "keys": [m.key for m in keyed]}
+        rows = await self._fetch("blocked_keys", params)
+        return {(r, t, bytes(k)) for r, t, k in rows}
 
     async def record(self, plan: RecordPlan) -> None:
-        """Write a plan in one transaction."""
+        """Write a plan in one transaction, for rows leased to this relay."""
         async with self._pool.connection() as conn, conn.transaction():
-            if plan.finished:
-                await conn.execute(self._q["finish_first_pass"], self._finish_params(plan))
-            await self._bulk(conn, "insert_deliveries", plan.deliveries)
-            await self._bulk(conn, "insert_dead_letters", plan.dead)
-            await self._bulk(conn, "upsert_pending", plan.pending)
-            await self._bulk(conn, "delete_pending", plan.pending_done)
-            await self._seqs(conn, "settle_fanned", plan.fanned)
-            await self._seqs(conn, "release", plan.released)
-            if plan.retried_seqs:
-                await conn.execute(self._q["delete_completed"], {"seqs": plan.retried_seqs})
+            await self.write(conn, plan, self.relay_id)
 
-    def _finish_params(self, plan: RecordPlan) -> dict[str, Any]:
-        params: dict[str, Any] = {"finished": plan.finished, "relay": self.relay_id}
+    async def write(
+        self, conn: psycopg.AsyncConnection[Any], plan: RecordPlan, holder: str | None
+    ) -> None:
+        """The plan's statements; ``holder`` None means the rows are locked by ``conn``."""
+        if plan.finished:
+            await conn.execute(self._q["finish_first_pass"], self._finish_params(plan, holder))
+        await self._bulk(conn, "insert_deliveries", plan.deliveries)
+        await self._bulk(conn, "insert_dead_letters", plan.dead)
+        await self._bulk(conn, "upsert_pending", plan.pending)
+        await self._bulk(conn, "delete_pending", plan.pending_done)
+        await self._seqs(conn, "settle_fanned", plan.fanned, holder)
+        await self._seqs(conn, "release", plan.released, holder)
+        if plan.retried_seqs:
+            await conn.execute(self._q["delete_completed"], {"seqs": plan.retried_seqs})
+
+    def _finish_params(self, plan: RecordPlan, holder: str | None) -> dict[str, Any]:
+        params: dict[str, Any] = {"finished": plan.finished, "relay": holder}
         for prefix, rows, names in (
             ("d", plan.finished_deliveries, ("seq", "route", "attempts", "partition", "offset")),
             ("x", plan.finished_dead, ("seq", "route", "attempts", "reason", "error")),
@@ -148,10 +199,10 @@ class Store:
             await conn.execute(self._q[name], rows.columns)
 
     async def _seqs(
-        self, conn: psycopg.AsyncConnection[TupleRow], name: str, seqs: list[int]
+        self, conn: psycopg.AsyncConnection[Any], name: str, seqs: list[int], holder: str | None
     ) -> None:
         if seqs:
-            await conn.execute(self._q[name], {"seqs": seqs, "relay": self.relay_id})
+            await conn.execute(self._q[name], {"seqs": seqs, "relay": holder})
 
     async def schema_version(self) -> int | None:
         rows = await self._fetch("schema_version", {})
@@ -171,6 +222,61 @@ class Store:
             cur = await conn.execute(self._q[name], params)
             rows: list[TupleRow] = await cur.fetchall()
             return rows
+
+
+class HeldBatch:
+    """First-pass messages locked by an open transaction on one pooled connection.
+
+    The fast path: no row is written to claim them, and the outcome is written in the same
+    transaction. If sending is slow, :meth:`lease` converts the locks into a lease and
+    commits, so no transaction stays open across an outage. If the relay dies, the server
+    rolls the transaction back and the rows are free again at once.
+    """
+
+    def __init__(
+        self, store: Store, conn: psycopg.AsyncConnection[Any] | None, messages: list[Outbound]
+    ) -> None:
+        self._store = store
+        self._conn = conn
+        self.messages = messages
+
+    def _take(self) -> psycopg.AsyncConnection[Any]:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("this held batch is already finished")
+        return conn
+
+    async def commit(self, plan: RecordPlan) -> None:
+        """Write the outcome in the claiming transaction and commit."""
+        conn = self._take()
+        try:
+            await self._store.write(conn, plan, None)
+            await conn.commit()
+        except BaseException:
+            await self._store.release_connection(conn, rollback=True)
+            raise
+        await self._store.release_connection(conn, rollback=False)
+
+    async def lease(self, seconds: float) -> None:
+        """Keep the rows as a lease of this relay and end the transaction."""
+        conn = self._take()
+        params = {
+            "seqs": [m.seq for m in self.messages],
+            "relay": self._store.relay_id,
+            "lease": dt.timedelta(seconds=seconds),
+        }
+        try:
+            await conn.execute(self._store.statement("lease_held"), params)
+            await conn.commit()
+        except BaseException:
+            await self._store.release_connection(conn, rollback=True)
+            raise
+        await self._store.release_connection(conn, rollback=False)
+
+    async def abandon(self) -> None:
+        """Roll back: the rows are free for the next claim."""
+        if self._conn is not None:
+            await self._store.release_connection(self._take(), rollback=True)
 
 
 async def listen(conninfo: str, schema: str, wake: asyncio.Event, stop: asyncio.Event) -> None:

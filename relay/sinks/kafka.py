@@ -159,7 +159,9 @@ class KafkaSink:
                 break
             self._produce(producer, route.target_topic(message.topic), message, pending, index)
         while pending.remaining and not self._aborted.is_set():
-            producer.poll(self._poll_interval)
+            # flush() sends what linger.ms would still hold back and serves the reports;
+            # poll() alone would wait out the linger on every batch.
+            producer.flush(self._poll_interval)
         if pending.remaining:
             producer.purge(in_queue=True, in_flight=True, blocking=False)
             producer.poll(0.5)

@@ -1,31 +1,32 @@
 -- Every statement the relay runs. {schema} is replaced by the quoted schema identifier;
 -- values are always bound parameters.
 
--- name: claim_first_pass
--- Oldest messages not yet on their first pass, leased to this relay. A keyed message is
--- skipped while an earlier message of its key is leased to another relay (e.g. one that
--- crashed mid-batch): that lease must end first, or per-key order could break. This relay's
--- own leases do not block: it sends its batches strictly one after another.
-WITH candidate AS (
-    SELECT m.seq
-      FROM {schema}.message m
-     WHERE NOT m.fanned
-       AND (m.claimed_until IS NULL OR m.claimed_until < now())
-       AND (m.msg_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM {schema}.message e
-             WHERE e.topic = m.topic AND e.msg_key = m.msg_key AND e.seq < m.seq
-               AND NOT e.fanned AND e.claimed_until >= now()
-               AND e.claimed_by <> %(relay)s))
-     ORDER BY m.seq
-     LIMIT %(limit)s
-       FOR UPDATE OF m SKIP LOCKED
-)
-UPDATE {schema}.message m
-   SET claimed_by = %(relay)s,
-       claimed_until = now() + %(lease)s
- WHERE m.seq = ANY(ARRAY(SELECT seq FROM candidate))
-RETURNING m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
-          m.idempotency_key, m.created_at, 0 AS attempts, NULL::text AS route
+-- name: hold_first_pass
+-- Oldest messages not yet on their first pass, locked by this relay's open transaction
+-- while the batch is sent (no row is written to claim it). A keyed message is skipped
+-- while an earlier message of its key is leased to another relay (e.g. one whose send was
+-- slow and then crashed): that lease must end first, or per-key order could break. This
+-- relay's own leases do not block: it sends its batches strictly one after another.
+SELECT m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
+       m.idempotency_key, m.created_at, 0 AS attempts, NULL::text AS route
+  FROM {schema}.message m
+ WHERE NOT m.fanned
+   AND (m.claimed_until IS NULL OR m.claimed_until < now())
+   AND (m.msg_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM {schema}.message e
+         WHERE e.topic = m.topic AND e.msg_key = m.msg_key AND e.seq < m.seq
+           AND NOT e.fanned AND e.claimed_until >= now()
+           AND e.claimed_by <> %(relay)s))
+ ORDER BY m.seq
+ LIMIT %(limit)s
+   FOR UPDATE OF m SKIP LOCKED
+
+-- name: lease_held
+-- A held batch whose send is slow: turn the row locks into a lease and commit, so no
+-- transaction stays open across a broker outage.
+UPDATE {schema}.message
+   SET claimed_by = %(relay)s, claimed_until = now() + %(lease)s
+ WHERE seq = ANY(%(seqs)s::bigint[])
 
 -- name: any_route_pending
 SELECT EXISTS (SELECT 1 FROM {schema}.route_pending)
@@ -67,9 +68,10 @@ RETURNING m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
 -- name: finish_first_pass
 -- One statement for the common case: the messages are done on every route. They leave the
 -- hot table and their delivery (and dead-letter) rows are written from what was deleted.
+-- %(relay)s is the lease holder, or NULL when the rows are locked by this transaction.
 WITH gone AS (
     DELETE FROM {schema}.message m
-     WHERE m.seq = ANY(%(finished)s::bigint[]) AND m.claimed_by = %(relay)s
+     WHERE m.seq = ANY(%(finished)s::bigint[]) AND (%(relay)s::text IS NULL OR m.claimed_by = %(relay)s)
     RETURNING m.*
 ), delivered AS (
     INSERT INTO {schema}.delivery (message_id, seq, route, topic, msg_key, payload,
@@ -142,12 +144,12 @@ DELETE FROM {schema}.route_pending p
 -- name: settle_fanned
 UPDATE {schema}.message
    SET fanned = true, claimed_by = NULL, claimed_until = NULL
- WHERE seq = ANY(%(seqs)s::bigint[]) AND claimed_by = %(relay)s
+ WHERE seq = ANY(%(seqs)s::bigint[]) AND (%(relay)s::text IS NULL OR claimed_by = %(relay)s)
 
 -- name: release
 UPDATE {schema}.message
    SET claimed_by = NULL, claimed_until = NULL
- WHERE seq = ANY(%(seqs)s::bigint[]) AND claimed_by = %(relay)s
+ WHERE seq = ANY(%(seqs)s::bigint[]) AND (%(relay)s::text IS NULL OR claimed_by = %(relay)s)
 
 -- name: delete_completed
 -- Fanned messages whose last pending route just finished.

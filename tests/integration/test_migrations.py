@@ -202,8 +202,8 @@ def test_claim_query_uses_the_primary_key(database_url: str) -> None:
         conn.commit()
         conn.execute("ANALYZE outbox.message")
         conn.commit()
-        statement = with_schema(_relay_query("claim_first_pass"), "outbox")
-        params = {"limit": 1000, "relay": "x", "lease": dt.timedelta(seconds=60)}
+        statement = with_schema(_relay_query("hold_first_pass"), "outbox")
+        params = {"limit": 1000, "relay": "x"}
         explain = psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + statement
         try:
             (plan_json,) = conn.execute(explain, params).fetchone() or (None,)

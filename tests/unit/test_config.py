@@ -51,7 +51,7 @@ def test_defaults_without_any_source() -> None:
     settings = load_settings({}, {})
     assert settings == Settings()
     assert settings.schema == "outbox"
-    assert settings.batch_size == 1000
+    assert settings.batch_size == 2000
     assert settings.effective_routes() == ()
 
 
@@ -80,7 +80,7 @@ def test_env_bootstrap_servers_beat_the_file(toml: Callable[[str], str]) -> None
 
 
 def test_empty_env_value_counts_as_unset() -> None:
-    assert load_settings({}, {"OUTBOX_BATCH_SIZE": ""}).batch_size == 1000
+    assert load_settings({}, {"OUTBOX_BATCH_SIZE": ""}).batch_size == 2000
 
 
 def test_contract_example_parses_into_routes(toml: Callable[[str], str]) -> None:

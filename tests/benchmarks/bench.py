@@ -1,0 +1,308 @@
+"""outbox-relay benchmark: drain rate against a raw producer, a naive relay and faststream-outbox,
+and commit-to-consume latency at a steady publish rate. Not a test: it gates nothing.
+
+Usage (``make bench`` runs the first line)::
+
+    python -m tests.benchmarks.bench
+    python -m tests.benchmarks.bench --messages 200000 --keys 1000 --payload-bytes 200 \\
+        --out bench-results --database-url postgresql://... --kafka host:9092
+    python -m tests.benchmarks.bench --only relay --batch-sizes 1000,2000,5000
+
+Without ``--database-url`` / ``--kafka`` it starts an embedded PostgreSQL 18 (unix socket,
+default settings: fsync and synchronous_commit on) and an in-memory Tansu broker, and stops
+them at the end. A given database must allow ``CREATE SCHEMA``; every scenario works in its
+own schema (``bench_*``), dropped when it ends.
+
+Scenarios, in one run, on the same database and broker, each sending the same records
+(``--messages`` of ``--payload-bytes`` JSON over ``--keys`` keys, the relay's headers, a
+fresh ``--partitions``-partition topic each):
+
+raw         one process producing the records with the relay's librdkafka settings, every
+            delivery report read: the ceiling for any relay written in Python.
+relay       ``relay.app.run_relay`` in-process draining the backlog (bulk-loaded with one
+            INSERT ... SELECT), once per ``--batch-sizes`` entry; timed from the call until
+            ``engine.stats.delivered`` reaches the backlog; checked in SQL (delivery rows,
+            nothing left in message) and on the topic (records, duplicates); reports the
+            WAL written per message and the time spent inside each store/sink call.
+            raw and relay run ``--repeat`` times, interleaved, and the median run is shown.
+naive       the loop most people write: SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED, produce,
+            flush, DELETE, COMMIT per message; capped at ``--naive-seconds``, rest extrapolated.
+faststream  faststream-outbox (``pip install faststream-outbox asyncpg``) relaying its own
+            table to the same broker; capped at ``--faststream-seconds``. Reported as
+            "unavailable" with the reason if it cannot run.
+latency     the relay (own process, poll_interval 1 s: the NOTIFY path) while ``--publishers``
+            threads publish through outbox_lib, one message per transaction, at
+            ``--latency-rate`` msg/s for ``--latency-seconds``; p50/p95/p99/max of consumer
+            arrival minus commit.
+
+Each scenario also reports the CPU it used and what other processes used meanwhile: above a
+quarter of a core it is flagged NOISY (and ``--quiet-wait`` waits for quiet before each one).
+
+Output: a table per kind of figure on the terminal, ``<out>/results.json`` (every figure,
+the latency samples, the environment) and ``<out>/bench.png`` (msg/s bars, latency CDF).
+Profile a drain with ``py-spy record -o profile.svg -- python -m tests.benchmarks.bench
+--only relay``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import confluent_kafka
+from rich.console import Console
+
+from . import report
+from . import workload as w
+from .fs_outbox import FS_WORKERS, FsConfig, faststream_outbox
+from .latency import Pace, steady_latency
+from .machine import CpuWatch, Load
+from .results import Latency, Throughput, failed, median_of_runs
+from .throughput import naive_relay, raw_produce, relay_drain
+
+SCENARIOS = ("raw", "relay", "naive", "faststream", "latency")
+# Other processes using more than this many cores during a scenario make its figures suspect.
+NOISY_CORES = 0.25
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.benchmarks.bench",
+        description="Benchmark outbox-relay (see the module docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--messages", type=int, default=200_000, help="backlog size")
+    add("--keys", type=int, default=1000, help="distinct message keys")
+    add("--payload-bytes", type=int, default=200, help="JSON payload size (>= 128)")
+    add("--partitions", type=int, default=8, help="partitions of each scenario's topic")
+    add("--out", type=Path, default=Path("bench-results"), help="where results go")
+    add("--database-url", help="PostgreSQL to use instead of an embedded one")
+    add("--kafka", help="bootstrap servers to use instead of an embedded Tansu broker")
+    add("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
+    add("--batch-sizes", default="1000,5000", help="relay batch sizes to drain with")
+    add("--repeat", type=int, default=3, help="runs of raw and relay, interleaved; median kept")
+    add("--drain-timeout", type=float, default=600.0, help="give up on a relay drain after")
+    add("--naive-seconds", type=float, default=20.0, help="cap on the naive relay")
+    add("--faststream-seconds", type=float, default=60.0, help="cap on faststream-outbox")
+    add("--faststream-workers", type=int, default=FS_WORKERS, help="its max_workers")
+    add("--latency-rate", type=float, default=500.0, help="steady publish rate, msg/s")
+    add("--latency-seconds", type=float, default=20.0, help="measured publishing time")
+    add("--latency-warmup", type=float, default=2.0, help="publishing time not measured")
+    add("--publishers", type=int, default=1, help="publisher threads sharing the rate")
+    add(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="before each scenario, wait up to this long for other processes to go quiet",
+    )
+    args = parser.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s) {sorted(unknown)}; choose from {SCENARIOS}")
+    if args.payload_bytes < 128:
+        parser.error("--payload-bytes must be at least 128 (the JSON order itself)")
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    return args
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    database_url: str
+    bootstrap: str
+    kind: str
+    pids: tuple[int | None, ...]  # of what we started, so their CPU counts as the benchmark's
+
+
+@contextlib.contextmanager
+def services(database_url: str | None, kafka: str | None) -> Iterator[Services]:
+    """The given services, or embedded ones started here and always stopped."""
+    from relay.embedded import EmbeddedBroker, EmbeddedPostgres
+
+    with contextlib.ExitStack() as stack:
+        kinds, pids = [], []
+        if database_url is None:
+            # As root the wheel runs postgres as its own user: a fresh 0o755 dir under /tmp.
+            workdir = Path(tempfile.mkdtemp(prefix="outbox-bench-", dir="/tmp"))
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+            postgres = stack.enter_context(EmbeddedPostgres(workdir))
+            database_url, kinds, pids = postgres.url, ["embedded PostgreSQL"], [postgres.pid]
+        if kafka is None:
+            broker = stack.enter_context(EmbeddedBroker())
+            kafka = broker.bootstrap
+            kinds.append("embedded Tansu (memory)")
+            pids.append(broker.pid)
+        yield Services(database_url, kafka, " + ".join(kinds) or "given", tuple(pids))
+
+
+class Run:
+    """Runs the chosen scenarios in order, keeping going past a failing one."""
+
+    def __init__(self, args: argparse.Namespace, target: w.Target, console: Console,
+                 cpu: CpuWatch) -> None:  # fmt: skip
+        self.args = args
+        self.target = target
+        self.console = console
+        self.cpu = cpu
+        self.throughput: list[Throughput] = []
+        self.latency: list[Latency] = []
+
+    def all(self) -> None:
+        plan = self._plan()
+        for index, (label, step) in enumerate(plan, start=1):
+            self.console.rule(f"[{index}/{len(plan)}] {label}")
+            self._wait_for_quiet()
+            started = time.perf_counter()
+            self._guarded(label, step)
+            self.console.print(f"done in {time.perf_counter() - started:.1f} s")
+
+    def _plan(self) -> list[tuple[str, Callable[[], Throughput | Latency]]]:
+        a, t = self.args, self.target
+        steps: list[tuple[str, Callable[[], Throughput | Latency]]] = []
+        for run in range(1, a.repeat + 1):
+            of = f" (run {run} of {a.repeat})" if a.repeat > 1 else ""
+            if "raw" in a.only:
+                steps.append((f"raw produce{of}", lambda: raw_produce(t)))
+            if "relay" in a.only:
+                for size in a.batch_sizes:
+                    drain = _bind(relay_drain, t, size, a.drain_timeout)
+                    steps.append((f"outbox-relay drain, batch {size}{of}", drain))
+        if "naive" in a.only:
+            steps.append(("naive relay", lambda: naive_relay(t, a.naive_seconds)))
+        if "faststream" in a.only:
+            config = FsConfig(max_workers=a.faststream_workers)
+            steps.append(("faststream-outbox",
+                          lambda: faststream_outbox(t, a.faststream_seconds, config)))  # fmt: skip
+        if "latency" in a.only:
+            pace = Pace(a.latency_rate, a.latency_seconds, a.latency_warmup, a.publishers)
+            steps.append((f"latency at {a.latency_rate:.0f} msg/s",
+                          lambda: steady_latency(t, pace, a.batch_sizes[0])))  # fmt: skip
+        return steps
+
+    def _wait_for_quiet(self) -> None:
+        if self.args.quiet_wait <= 0:
+            return
+        others = self.cpu.others_now()
+        if others > NOISY_CORES:
+            self.console.print(f"other processes use {others:.1f} cores; waiting up to "
+                               f"{self.args.quiet_wait:.0f} s for them to settle")  # fmt: skip
+            self.cpu.wait_for_quiet(NOISY_CORES, self.args.quiet_wait)
+
+    def _guarded(self, label: str, step: Callable[[], Throughput | Latency]) -> None:
+        self.cpu.start()
+        try:
+            result = step()
+        except Exception as exc:
+            self.console.print(traceback.format_exc(), markup=False, highlight=False)
+            result = failed(label, exc)
+        self._note_load(result, self.cpu.stop())
+        if isinstance(result, Latency):
+            self.latency.append(result)
+            cuts = result.percentiles()
+            self.console.print(f"p50 {cuts.get('p50', 0):.1f} ms, p99 {cuts.get('p99', 0):.1f} ms")
+        else:
+            self.throughput.append(result)
+            rate = f"{result.rate:,.0f} msg/s" if result.rate else result.status
+            self.console.print(f"{result.scenario}: {rate}; {result.note}")
+
+    def _note_load(self, result: Throughput | Latency, load: Load) -> None:
+        result.details["load"] = asdict(load)
+        self.console.print(f"CPU during the scenario: {load.describe()}")
+        if load.other_cores + load.steal_cores > NOISY_CORES:
+            taken = load.other_cores + load.steal_cores
+            result.note += f"; NOISY: others took {taken:.1f} cores"
+            self.console.print(f"[yellow]warning: {load.describe()}; figures are depressed")
+
+
+def _bind(fn: Callable[..., Throughput], *args: Any) -> Callable[[], Throughput]:
+    return lambda: fn(*args)
+
+
+def environment(url: str, services_kind: str, kafka: str) -> dict[str, Any]:
+    with w.connect(url) as conn:
+        row = conn.execute(w.query("server_facts")).fetchone()
+    version, shared_buffers, sync_commit, fsync = row if row else ("?", "?", "?", "?")
+    return {
+        "services": services_kind,
+        "postgres": {"version": version, "shared_buffers": shared_buffers,
+                     "synchronous_commit": sync_commit, "fsync": fsync},
+        "kafka": kafka,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "confluent_kafka": confluent_kafka.version(),
+        "librdkafka": confluent_kafka.libversion()[0],
+        "code": _code_version(),
+    }  # fmt: skip
+
+
+def _code_version() -> dict[str, Any]:
+    """The commit measured, and which relay/library files differed from it (read-only git)."""
+    root = Path(__file__).resolve().parents[2]
+    git = ["git", "--no-optional-locks", "-C", str(root)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        status = subprocess.run([*git, "status", "--porcelain", "--", "relay", "outbox_lib",
+                                 "migrations"], capture_output=True, text=True, timeout=10,
+                                check=True).stdout.splitlines()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "uncommitted": [line[3:] for line in status]}
+
+
+def headline(workload: w.Workload, env: dict[str, Any]) -> str:
+    return (f"{workload.messages:,} messages, {workload.keys:,} keys, {workload.payload_bytes} B "
+            f"payloads, {workload.partitions} partitions; PostgreSQL "
+            f"{env['postgres']['version']}, {env['cpus']} CPUs")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Piped output (make, CI logs) gets room for the tables instead of rich's 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    began = time.perf_counter()
+    workload = w.Workload(args.messages, args.keys, args.payload_bytes, args.partitions)
+    with services(args.database_url, args.kafka) as found:
+        url = found.database_url
+        env = environment(url, found.kind, found.bootstrap)
+        console.print(f"services: {found.kind}; PostgreSQL {env['postgres']['version']}")
+        load_s = w.prepare_source(url, workload)
+        console.print(f"backlog of {workload.messages:,} generated in {load_s:.1f} s")
+        target = w.Target(url, found.bootstrap, workload)
+        run = Run(args, target, console, CpuWatch(found.pids))
+        try:
+            run.all()
+        finally:
+            w.drop_schema(url, w.SOURCE_SCHEMA)
+    total = time.perf_counter() - began
+    title = headline(workload, env)
+    run.throughput = median_of_runs(run.throughput)
+    report.show(console, run.throughput, run.latency, title)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"args": {k: v for k, v in vars(args).items() if k not in ("database_url", "out")},
+            "environment": env, "total_seconds": total}  # fmt: skip
+    report.write_json(args.out / "results.json", meta, run.throughput, run.latency)
+    report.plot(args.out / "bench.png", run.throughput, run.latency, title)
+    console.print(f"full run {total:.0f} s; wrote {args.out / 'results.json'} and "
+                  f"{args.out / 'bench.png'}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Commit-to-consume latency with the relay running and an application publishing steadily.
+
+The relay runs in its own process (as it is deployed), with ``poll_interval`` 1 s, so what
+is measured is the NOTIFY wake-up path, not polling. Publisher threads write one message per
+transaction through ``outbox_lib`` (``Outbox(schema=...).publish``, which is what
+``outbox_lib.publish`` calls for the default schema) and note ``time.time()`` right after
+each commit; a consumer assigned to every partition (no group join) notes arrival times.
+Message numbers travel in the payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+import outbox_lib
+from relay.app import run_relay
+from relay.config import load_settings
+
+from . import workload as w
+from .results import Latency
+
+SCHEMA = "bench_latency"
+PROBE = -1
+READY_TIMEOUT_S = 30.0
+STRAGGLER_WAIT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """``rate`` messages/s in total for ``warmup`` + ``seconds``, from ``threads`` publishers."""
+
+    rate: float
+    seconds: float
+    warmup: float
+    threads: int
+
+
+def steady_latency(target: w.Target, pace: Pace, batch_size: int) -> Latency:
+    topic = w.new_topic(target.bootstrap, "latency", target.workload.partitions)
+    w.fresh_schema(target.database_url, SCHEMA)
+    with w.connect(target.database_url) as conn:
+        outbox_lib.migrate(conn, SCHEMA)
+    relay = _start_relay(target, batch_size)
+    arrivals = Arrivals(target.bootstrap, topic)
+    arrivals.start()
+    try:
+        publishers = Publishers(target, topic, pace)
+        publishers.probe(arrivals)
+        commits = publishers.run()
+        arrivals.wait_for(commits.keys(), STRAGGLER_WAIT_S)
+    finally:
+        _stop_relay(relay)
+        arrivals.stop()
+        w.drop_schema(target.database_url, SCHEMA)
+    return _result(pace, publishers, commits, arrivals)
+
+
+def _result(
+    pace: Pace, publishers: Publishers, commits: dict[int, float], got: Arrivals
+) -> Latency:
+    measured = [n for n in commits if n >= publishers.first_measured]
+    samples = [1000 * (got.times[n] - commits[n]) for n in measured if n in got.times]
+    missing = len(measured) - len(samples)
+    note = (f"{pace.threads} publisher threads, 1 message per transaction; relay in its own "
+            f"process, poll_interval 1 s; {pace.warmup:.0f} s warm-up excluded")  # fmt: skip
+    if missing:
+        note += f"; {missing} never arrived within {STRAGGLER_WAIT_S:.0f} s"
+    return Latency(
+        f"outbox-relay at {pace.rate:.0f} msg/s steady", pace.rate, publishers.achieved_rate,
+        published=len(measured), received=len(samples), samples_ms=samples,
+        status="ok" if not missing else "partial", note=note,
+        details={"duplicates": got.duplicates,
+                 "commit_ms_p50": publishers.commit_ms_p50()},
+    )  # fmt: skip
+
+
+# --- the relay, as its own process ----------------------------------------------------------
+
+
+def _relay_main(flags: dict[str, Any]) -> None:
+    """Child process: run the relay until SIGTERM (run_relay installs the handlers)."""
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(run_relay(load_settings(flags, env={})))
+
+
+def _start_relay(target: w.Target, batch_size: int) -> multiprocessing.process.BaseProcess:
+    flags = {"database_url": target.database_url, "schema": SCHEMA, "batch_size": batch_size,
+             "kafka_bootstrap_servers": target.bootstrap, "poll_interval": 1.0}  # fmt: skip
+    process = multiprocessing.get_context("spawn").Process(
+        target=_relay_main, args=(flags,), name="outbox-relay", daemon=True
+    )
+    process.start()
+    return process
+
+
+def _stop_relay(process: multiprocessing.process.BaseProcess) -> None:
+    process.terminate()  # SIGTERM: the relay finishes in-flight work and releases claims
+    process.join(15)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+
+
+# --- publishers -----------------------------------------------------------------------------
+
+
+class Publishers:
+    """Threads publishing on a shared schedule: message ``n`` is due at ``start + n / rate``."""
+
+    def __init__(self, target: w.Target, topic: str, pace: Pace) -> None:
+        self.topic = topic
+        self.pace = pace
+        self.keys = target.workload.keys
+        self.payload_bytes = target.workload.payload_bytes
+        self.outbox = outbox_lib.Outbox(schema=SCHEMA)
+        url = "postgresql+psycopg://" + target.database_url.split("://", 1)[1]
+        self.engine = create_engine(url, pool_size=pace.threads, max_overflow=0)
+        self.first_measured = round(pace.rate * pace.warmup)
+        self.achieved_rate = 0.0
+        self._commit_s: list[float] = []
+
+    def probe(self, arrivals: Arrivals) -> None:
+        """One message end to end first, so the relay and consumer are surely running."""
+        self._publish(PROBE)
+        if not arrivals.wait_for([PROBE], READY_TIMEOUT_S):
+            raise RuntimeError(f"the relay delivered nothing within {READY_TIMEOUT_S:.0f} s")
+
+    def run(self) -> dict[int, float]:
+        total = round(self.pace.rate * (self.pace.warmup + self.pace.seconds))
+        commits: dict[int, float] = {}
+        start = time.perf_counter() + 0.05
+        threads = [threading.Thread(target=self._loop, args=(i, total, start, commits))
+                   for i in range(self.pace.threads)]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        measured = total - self.first_measured
+        self.achieved_rate = measured / (time.perf_counter() - start - self.pace.warmup)
+        self.engine.dispose()
+        return commits
+
+    def _loop(self, first: int, total: int, start: float, commits: dict[int, float]) -> None:
+        for n in range(first, total, self.pace.threads):
+            delay = start + n / self.pace.rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            commits[n] = self._publish(n)
+
+    def _publish(self, n: int) -> float:
+        began = time.perf_counter()
+        with Session(self.engine) as session, session.begin():
+            self.outbox.publish(
+                session, self.topic, self._payload(n), key=f"customer-{n % self.keys}",
+                headers={"tenant": "acme", "trace-id": uuid.uuid4().hex},
+            )  # fmt: skip
+        committed = time.time()
+        self._commit_s.append(time.perf_counter() - began)
+        return committed
+
+    def _payload(self, n: int) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "n": n,
+            "order_id": 1_000_000 + n,
+            "customer": f"customer-{n}",
+            "amount_cents": n * 7919 % 100_000,
+            "currency": "EUR",
+            "note": "",
+        }
+        pad = self.payload_bytes - len(orjson.dumps(doc))
+        doc["note"] = "x" * max(0, pad)
+        return doc
+
+    def commit_ms_p50(self) -> float:
+        ordered = sorted(self._commit_s)
+        return 1000 * ordered[len(ordered) // 2] if ordered else 0.0
+
+
+# --- the consumer ---------------------------------------------------------------------------
+
+
+@dataclass
+class Arrivals:
+    """A consumer thread noting when each message number first arrives."""
+
+    bootstrap: str
+    topic: str
+    times: dict[int, float] = field(default_factory=dict)
+    duplicates: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        consumer = Consumer({
+            "bootstrap.servers": self.bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
+            "enable.auto.commit": False, "enable.partition.eof": False, "fetch.wait.max.ms": 5,
+        })  # fmt: skip
+        meta = consumer.list_topics(self.topic, timeout=10.0).topics[self.topic]
+        consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        self._thread = threading.Thread(target=self._run, args=(consumer,), daemon=True)
+        self._thread.start()
+
+    def _run(self, consumer: Consumer) -> None:
+        try:
+            while not self._stop.is_set():
+                message = consumer.poll(0.05)
+                if message is None or message.error() is not None:
+                    continue
+                arrived = time.time()
+                n = orjson.loads(message.value() or b"{}").get("n")
+                if n in self.times:
+                    self.duplicates += 1
+                else:
+                    self.times[n] = arrived
+        finally:
+            consumer.close()
+
+    def wait_for(self, numbers: Any, timeout: float) -> bool:
+        wanted = set(numbers)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(n in self.times for n in wanted):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)

@@ -1,0 +1,88 @@
+-- Every statement the benchmarks run. {schema}, {source} and {table} are replaced by quoted
+-- identifiers (psycopg.sql.Identifier); values are always bound parameters.
+
+-- name: create_schema
+CREATE SCHEMA {schema}
+
+-- name: drop_schema
+DROP SCHEMA IF EXISTS {schema} CASCADE
+
+-- name: create_backlog
+-- The records every scenario sends, generated once: keys `customer-<n mod keys>`, an order as
+-- JSON padded to exactly payload_bytes (its last field, "note", is filled with 'x'), two
+-- application headers.
+CREATE TABLE {schema}.backlog AS
+SELECT o.n,
+       gen_random_uuid() AS id,
+       convert_to(o.customer, 'UTF8') AS msg_key,
+       convert_to(rpad(left(o.doc, -2), greatest(%(payload_bytes)s, length(o.doc)) - 2, 'x')
+                  || right(o.doc, 2), 'UTF8') AS payload,
+       jsonb_build_object('tenant', 'acme', 'trace-id', md5(o.n::text)) AS headers
+  FROM (SELECT i AS n,
+               'customer-' || (i %% %(keys)s) AS customer,
+               json_build_object('n', i, 'order_id', 1000000 + i,
+                                 'customer', 'customer-' || (i %% %(keys)s),
+                                 'amount_cents', (i * 7919) %% 100000, 'currency', 'EUR',
+                                 'status', 'created', 'note', '')::text AS doc
+          FROM generate_series(1, %(messages)s) AS i) AS o
+
+-- name: backlog_records
+SELECT id, msg_key, payload, headers FROM {source}.backlog ORDER BY n
+
+-- name: backlog_sizes
+SELECT count(*), avg(octet_length(payload)), count(DISTINCT msg_key) FROM {source}.backlog
+
+-- name: load_outbox
+-- What outbox_lib.publish would have written, in one statement (enqueue() row by row costs
+-- ~100x more and is not what is measured here).
+INSERT INTO {schema}.message (id, topic, msg_key, payload, content_type, headers, bucket)
+SELECT b.id, %(topic)s, b.msg_key, b.payload, 'application/json', b.headers,
+       {schema}.key_bucket(b.msg_key)
+  FROM {source}.backlog AS b
+ ORDER BY b.n
+
+-- name: vacuum_analyze
+VACUUM (ANALYZE) {schema}.{table}
+
+-- name: checkpoint
+CHECKPOINT
+
+-- name: wal_lsn
+SELECT pg_current_wal_lsn()
+
+-- name: wal_bytes_since
+SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %(lsn)s::pg_lsn)
+
+-- name: outbox_counts
+SELECT (SELECT count(*) FROM {schema}.message),
+       (SELECT count(*) FROM {schema}.delivery),
+       (SELECT count(DISTINCT message_id) FROM {schema}.delivery)
+
+-- name: naive_claim
+SELECT seq, id, topic, msg_key, payload, headers
+  FROM {schema}.message
+ ORDER BY seq
+ LIMIT 1
+   FOR UPDATE SKIP LOCKED
+
+-- name: naive_delete
+DELETE FROM {schema}.message WHERE seq = %(seq)s
+
+-- name: count_rows
+SELECT count(*) FROM {schema}.{table}
+
+-- name: load_faststream
+-- faststream-outbox rows as broker.publish(body, queue=..., headers=...) writes them: the
+-- envelope headers (content-type, correlation_id) plus ours; the Kafka key travels as a header
+-- because the table has no key column.
+INSERT INTO {schema}.{table} (queue, payload, headers)
+SELECT %(queue)s, b.payload,
+       b.headers || jsonb_build_object('content-type', 'application/json',
+                                       'correlation_id', b.id::text,
+                                       'kafka-key', convert_from(b.msg_key, 'UTF8'))
+  FROM {source}.backlog AS b
+ ORDER BY b.n
+
+-- name: server_facts
+SELECT current_setting('server_version'), current_setting('shared_buffers'),
+       current_setting('synchronous_commit'), current_setting('fsync')
