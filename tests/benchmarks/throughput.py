@@ -102,10 +102,11 @@ class Phases:
     """
 
     LABELS = (
-        ("claim_first_pass", "claim (SQL + rows to objects)"),
+        ("hold_first_pass", "claim: lock a batch (SQL + rows to objects)"),
+        ("any_route_pending", "route_pending probe (SQL)"),
         ("blocked_keys", "blocked-keys check (SQL)"),
         ("claim_retry_pass", "retry claim (SQL)"),
-        ("record", "record (DELETE ... INSERT delivery)"),
+        ("write", "record: DELETE ... INSERT delivery (claim's transaction)"),
         ("seconds_until_due", "idle check (SQL)"),
     )
 

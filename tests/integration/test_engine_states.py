@@ -7,6 +7,7 @@ engine and every SQL statement are the real ones.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -196,3 +197,36 @@ def test_fan_out_failing_route_never_delays_the_other(url: str, engine: Engine) 
     for sink in (good, bad):
         for key, numbers in sink.order_by_key().items():
             assert numbers == sorted(numbers), key
+
+
+class SlowSink(ScriptedSink):
+    """Delivers everything, but only after ``delay`` seconds per batch."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(ok)
+        self.delay = delay
+
+    async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        await asyncio.sleep(self.delay)
+        return await super().send(route, batch)
+
+
+def test_slow_send_turns_the_row_locks_into_a_lease(url: str, engine: Engine) -> None:
+    """No transaction may stay open across a slow sink: past hold_seconds it is a lease."""
+    publish_many(engine, "t", 20, keys=2)
+    settings = settings_for(url, "127.0.0.1:1", hold_seconds=0.2, poll_interval=0.05)
+    open_tx = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'outbox-relay%%' "
+        "AND state = 'idle in transaction'"
+    )
+    with RelayThread(settings, routes=[runtime("r", SlowSink(2.0))]) as relay:
+        wait_until(
+            lambda: scalar(url, "SELECT count(*) FROM outbox.message WHERE claimed_by IS NOT NULL")
+            == 20, 5, "the batch to be leased",
+        )  # fmt: skip
+        assert scalar(url, open_tx) == 0
+        lease_left = scalar(url, "SELECT min(claimed_until - now()) FROM outbox.message")
+        assert lease_left.total_seconds() > 60, "leased for lease_seconds (default 120)"
+        relay.wait_delivered(20, timeout=15)
+    assert scalar(url, "SELECT count(*) FROM outbox.message") == 0
+    assert scalar(url, "SELECT count(*) FROM outbox.delivery") == 20
