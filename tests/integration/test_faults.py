@@ -82,6 +82,7 @@ def test_relay_sigkilled_mid_backlog_then_restarted_loses_nothing(
     assert survivor.terminate() == 0
     records = read_topic(kafka.bootstrap, topic_name, len(committed))
     figures = check_ledger(records, committed)
+    print(f"sigkill: {kills} kills, {figures}")
     assert figures["duplicates"] <= kills * 2 * 500, "duplicates bounded by in-flight batches"
 
 
@@ -192,6 +193,7 @@ def test_sequence_gap_slow_writers_and_rollbacks(
         records = read_topic(kafka.bootstrap, topic_name, len(committed))
     assert 100 < len(committed) < 200
     figures = check_ledger(records, committed)
+    print(f"sequence gap: {len(committed)} committed, {figures}")
     assert figures["duplicates"] == 0
 
 
