@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from .errors import EmbeddedServiceError
 
@@ -48,7 +48,29 @@ _TANSU_ENV_OVERRIDES = frozenset(
 )
 
 
-class EmbeddedPostgres:
+class _Service:
+    """``with`` starts the service and always stops it."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedPostgres(_Service):
     """A private PostgreSQL listening only on a unix socket; its data is deleted on exit.
 
     ``workdir`` should be a fresh directory of its own: run as root, the wheel starts
@@ -60,18 +82,6 @@ class EmbeddedPostgres:
         self.workdir = workdir
         self.pgdata = workdir / "pgdata"
         self._server: Any = None
-
-    def __enter__(self) -> EmbeddedPostgres:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:
@@ -118,7 +128,7 @@ class EmbeddedPostgres:
             _kill_postmasters(self.pgdata)
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(_Service):
     """A private Tansu broker on ``127.0.0.1``; memory storage, so stopping loses all data.
 
     Without ``port`` a free one is picked (and start is retried on another port should
@@ -133,18 +143,6 @@ class EmbeddedBroker:
         self._own_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-
-    def __enter__(self) -> EmbeddedBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def bootstrap(self) -> str:

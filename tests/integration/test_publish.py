@@ -270,9 +270,8 @@ def test_idempotency_outlives_delivery(url: str, engine: Engine) -> None:
     ]
 
 
-def test_idempotency_concurrent_publishers(url: str, engine: Engine) -> None:
-    """The second publisher waits for the first's transaction, then returns its id."""
-    result: dict[str, Any] = {}
+def _second_publisher(engine: Engine, result: dict[str, Any]) -> threading.Thread:
+    """Start a publisher of the same topic + idempotency key in its own transaction."""
 
     def second() -> None:
         try:
@@ -283,11 +282,18 @@ def test_idempotency_concurrent_publishers(url: str, engine: Engine) -> None:
         except BaseException as exc:
             result["error"] = exc
 
+    thread = threading.Thread(target=second, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_idempotency_concurrent_publishers(url: str, engine: Engine) -> None:
+    """The second publisher waits for the first's transaction, then returns its id."""
+    result: dict[str, Any] = {}
     with Session(engine) as session:
         session.begin()
         first = outbox_lib.publish(session, "t.c", {"who": "first"}, idempotency_key="same")
-        thread = threading.Thread(target=second, daemon=True)
-        thread.start()
+        thread = _second_publisher(engine, result)
         thread.join(0.5)
         assert thread.is_alive(), f"second publisher did not block: {result}"
         session.commit()
@@ -302,21 +308,10 @@ def test_idempotency_concurrent_publishers(url: str, engine: Engine) -> None:
 def test_idempotency_concurrent_first_rolls_back(url: str, engine: Engine) -> None:
     """If the first publisher rolls back, the waiting one writes its own message."""
     result: dict[str, Any] = {}
-
-    def second() -> None:
-        try:
-            with Session(engine) as session, session.begin():
-                result["id"] = outbox_lib.publish(
-                    session, "t.c", {"who": "second"}, idempotency_key="same"
-                )
-        except BaseException as exc:
-            result["error"] = exc
-
     with Session(engine) as session:
         session.begin()
         first = outbox_lib.publish(session, "t.c", {"who": "first"}, idempotency_key="same")
-        thread = threading.Thread(target=second, daemon=True)
-        thread.start()
+        thread = _second_publisher(engine, result)
         thread.join(0.3)
         assert thread.is_alive()
         session.rollback()
