@@ -52,6 +52,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -271,8 +272,14 @@ def headline(workload: w.Workload, env: dict[str, Any]) -> str:
             f"{env['postgres']['version']}, {env['cpus']} CPUs")  # fmt: skip
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the services are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Piped output (make, CI logs) gets room for the tables instead of rich's 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 170)
