@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import outbox_lib
 from outbox_lib import ConfigurationError, InvalidMessageError, OutboxError
@@ -117,8 +117,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(flags, os.environ, getattr(args, "config", None))
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     url = settings.require_database_url()
     with connect(url, autocommit=True) as conn:
         applied = outbox_lib.migrate(conn, settings.schema)
@@ -130,30 +129,29 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from .app import run_relay
 
-    asyncio.run(run_relay(_settings(args)))
+    asyncio.run(run_relay(settings))
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from .status import print_status, read_status
 
-    settings = _settings(args)
     with connect(settings.require_database_url(), autocommit=True) as conn:
         report = read_status(conn, settings.schema)
     print_status(report, as_json=args.json)
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
     return run_demo(orders=args.orders, workdir=args.workdir)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "migrate": cmd_migrate,
     "run": cmd_run,
     "status": cmd_status,
@@ -164,8 +162,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _configure_logging(args)
-        return COMMANDS[args.command](args)
+        settings = _settings_and_logging(args)
+        return COMMANDS[args.command](args, settings)
     except (ConfigurationError, InvalidMessageError) as exc:
         return _fail(EXIT_USAGE, exc)
     except OutboxError as exc:
@@ -174,17 +172,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
-    """Logging follows the same flags > env > file precedence as every other setting."""
+def _settings_and_logging(args: argparse.Namespace) -> Settings:
+    """Build the settings once; logging follows their flags > env > file precedence.
+
+    The demo configures itself (embedded services), so it reads no settings.
+    """
     if args.command == "demo":
         configure_logging("WARNING", "text")
-        return
+        return Settings()
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
+    return settings
 
 
 def _fail(code: int, exc: BaseException) -> int:
-    message: Any = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     print(f"outbox-relay: error: {message}", file=sys.stderr)
     return code
 

@@ -73,9 +73,13 @@ class RecordPlan:
     pending_done: Rows = field(default_factory=Rows)
     fanned: list[int] = field(default_factory=list)
     released: list[int] = field(default_factory=list)
-    retried_seqs: list[int] = field(default_factory=list)
     delivered_count: int = 0
     dead_count: int = 0
+
+    @property
+    def retried_seqs(self) -> list[int]:
+        """Messages whose route just finished on the retry pass (may now be complete)."""
+        return [seq for seq in self.pending_done.columns.get("seq", []) if isinstance(seq, int)]
 
 
 def verdict(
@@ -151,7 +155,6 @@ def plan_retry_pass(claimed: Iterable[tuple[Outbound, str]], verdicts: list[Verd
             continue
         _add(plan.deliveries, plan.dead, plan, message.seq, route, v, message.attempts + 1)
         plan.pending_done.add(seq=message.seq, route=route)
-        plan.retried_seqs.append(message.seq)
     return plan
 
 
