@@ -134,6 +134,7 @@ class Engine:
         """One batch of each pass; returns how many (message, route) items were handled."""
         active = [r for r in self.routes if r.pause_left() == 0]
         if self.routes and not active:
+            await self._settle_prefetch(keep=False)  # hold no locks across a pause
             return 0
         held = await self._take_prefetched() or await self.store.hold_first_pass(
             self.settings.batch_size
@@ -165,18 +166,45 @@ class Engine:
             self._maybe_prefetch(len(held.messages))
             done, _ = await asyncio.wait({sending}, timeout=self.settings.hold_seconds)
             if not done:
+                await self._settle_prefetch(keep=False)
                 await held.lease(self.settings.lease_seconds)
+            self._judge_all(await sending, verdicts)
+            plan = plan_first_pass(held.messages, verdicts, routes_of)
+            if done and (plan.fanned or plan.released):
+                # Released rows go back before the prefetched batch in seq order: that
+                # batch must be re-claimed, or it would overtake them on their keys.
+                await self._settle_prefetch(keep=not plan.released)
         except BaseException:
             await held.abandon()
             raise
-        self._judge_all(await sending, verdicts)
-        plan = plan_first_pass(held.messages, verdicts, routes_of)
         if done:
             await held.commit(plan)
             self._count(plan)
         else:
             await self._record(plan)
         _log_dead_letters(plan, {m.seq: m for m in held.messages})
+
+    async def _settle_prefetch(self, keep: bool) -> None:
+        """Let the next claim finish before this batch updates any of its rows.
+
+        A claim that reaches a row just after another transaction updated it locks the new
+        version, finds it no longer matches (EvalPlanQual) and skips it, but keeps the lock
+        until it ends. Were the next claim still running when this batch leases, settles or
+        releases its rows, it could keep some of them locked, and this batch's own record
+        would wait for a transaction that ends only after that record: a deadlock that only
+        the idle-in-transaction timeout breaks. Rows still locked by this batch are skipped
+        cleanly, and deleted rows cannot be locked, so the common all-delivered batch needs
+        no wait. A slow batch gives its prefetched successor back, so no transaction waits
+        across a slow send.
+        """
+        task = self._prefetch
+        if task is None:
+            return
+        await asyncio.wait({task})
+        if not keep:
+            held = await self._take_prefetched()
+            if held is not None:
+                await held.abandon()
 
     async def _start_first_pass(
         self, messages: list[Outbound], pending: bool

@@ -167,7 +167,8 @@ def test_outage_spends_no_attempts_and_dead_letters_nothing(url: str, engine: En
 
     sink = ScriptedSink(decide)
     publish_many(engine, "t", 30, keys=3)
-    with relay_with(url, runtime("r", sink, max_attempts=2)) as relay:
+    # Full batches, so the next claim is prefetched while rows are being released.
+    with relay_with(url, runtime("r", sink, max_attempts=2), batch_size=10) as relay:
         # Three rounds, each trying the first message of each key: more than max_attempts.
         wait_until(lambda: min(sink.attempts[n] for n in range(3)) >= 3, 20, "failed rounds")
         assert scalar(url, "SELECT count(*) FROM outbox.dead_letter") == 0
@@ -184,7 +185,7 @@ def test_fan_out_failing_route_never_delays_the_other(url: str, engine: Engine) 
     good = ScriptedSink(ok)
     bad = ScriptedSink(lambda n, a: Failed("retry", "flaky", "") if a < 3 else Delivered())
     publish_many(engine, "t", 40, keys=4, per_tx=40)
-    with relay_with(url, runtime("good", good), runtime("bad", bad)):
+    with relay_with(url, runtime("good", good), runtime("bad", bad), batch_size=10):
         wait_until(lambda: len(good.delivered) == 40, 10, "the healthy route")
         assert scalar(url, "SELECT count(*) FROM outbox.message WHERE fanned") > 0
         wait_until(lambda: len(bad.delivered) == 40, 40, "the failing route to catch up")
@@ -230,3 +231,20 @@ def test_slow_send_turns_the_row_locks_into_a_lease(url: str, engine: Engine) ->
         relay.wait_delivered(20, timeout=15)
     assert scalar(url, "SELECT count(*) FROM outbox.message") == 0
     assert scalar(url, "SELECT count(*) FROM outbox.delivery") == 20
+
+
+def test_backlog_through_the_lease_path_does_not_stall(url: str, engine: Engine) -> None:
+    """Every batch slower than hold_seconds while the next one is prefetched.
+
+    Regression: the prefetched claim could keep this batch's just-leased rows locked
+    (EvalPlanQual) and this batch's record waited for it: 30 s per batch until the
+    idle-in-transaction timeout broke the cycle.
+    """
+    publish_many(engine, "t", 1000, keys=7, per_tx=500)
+    settings = settings_for(url, "127.0.0.1:1", hold_seconds=0.001, batch_size=100)
+    sink = SlowSink(0.02)
+    with RelayThread(settings, routes=[runtime("r", sink)]) as relay:
+        relay.wait_delivered(1000, timeout=20)
+    assert len(sink.delivered) == 1000
+    for key, numbers in sink.order_by_key().items():
+        assert numbers == sorted(numbers), key

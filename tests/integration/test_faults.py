@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -98,7 +97,8 @@ bootstrap_servers = "{kafka_broker.bootstrap}"
 """
     )
     first = publish_many(engine, topic_name, 200, keys=7)
-    with RelayThread(settings_for(url, None, config=str(config))) as relay:
+    # Batches of 50: the next batch is prefetched while the outage releases this one.
+    with RelayThread(settings_for(url, None, config=str(config), batch_size=50)) as relay:
         relay.wait_delivered(200)
         with kafka_broker.paused():
             during = [
@@ -200,13 +200,18 @@ def test_sequence_gap_slow_writers_and_rollbacks(
 def test_sigterm_with_backlog_exits_zero_and_releases_claims(
     url: str, engine: Engine, kafka, topic_name: str, tmp_path: Path
 ) -> None:
-    publish_many(engine, topic_name, 5000, keys=10, per_tx=500)
-    relay = RelayProcess(url, kafka.bootstrap, tmp_path / "r.log", OUTBOX_BATCH_SIZE="200")
+    """Leases a stopped relay kept would block others for 10 minutes: SIGTERM hands them back."""
+    committed = publish_many(engine, topic_name, 5000, keys=10, per_tx=500)
+    relay = RelayProcess(
+        url, kafka.bootstrap, tmp_path / "r.log",
+        OUTBOX_BATCH_SIZE="200", OUTBOX_HOLD_SECONDS="1ms", OUTBOX_LEASE_SECONDS="600",
+    )  # fmt: skip
     relay.wait_started()
-    wait_until(lambda: scalar(url, "SELECT count(*) FROM outbox.message") < 5000, 20, "progress")
+    wait_until(lambda: scalar(url, "SELECT count(*) FROM outbox.message") < 4000, 20, "progress")
     assert relay.terminate() == 0
-    with psycopg.connect(url) as conn:
-        held = conn.execute(
-            "SELECT count(*) FROM outbox.message WHERE claimed_until > now()"
-        ).fetchone()
-    assert held == (0,), "a clean stop leaves no leases for others to wait out"
+    left = scalar(url, "SELECT count(*) FROM outbox.message")
+    assert left > 0, "stopped mid-backlog"
+    assert scalar(url, "SELECT count(*) FROM outbox.message WHERE claimed_until > now()") == 0
+    with RelayThread(settings_for(url, kafka.bootstrap)) as successor:
+        successor.wait_delivered(left, timeout=30)
+    check_ledger(read_topic(kafka.bootstrap, topic_name, len(committed)), committed)
