@@ -16,15 +16,18 @@ from psycopg_pool import PoolTimeout
 from outbox_lib import DatabaseUnavailableError, SchemaNotMigratedError
 
 from .backoff import Backoff
-from .config import Route, Settings
+from .config import Route, Settings, order_warnings
 from .db import redact, to_libpq
 from .engine import Engine, RouteRuntime, Stats
 from .errors import ConfigError
+from .membership import Membership
 from .sinks.base import Sink
 from .sinks.kafka import KafkaSink
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
 
 
 def new_relay_id() -> str:
@@ -63,12 +66,36 @@ async def open_store(settings: Settings, relay_id: str) -> Store:
         raise DatabaseUnavailableError(
             f"cannot connect to the database {redact(url)} (gave up after 30 s)"
         ) from exc
-    if await _schema_version(store) is None:
+    version = await _schema_version(store)
+    if version is None or version < SCHEMA_VERSION:
         await store.close()
         raise SchemaNotMigratedError(
             f"schema {settings.schema!r} has no outbox tables; run `outbox-relay migrate` first"
+            if version is None
+            else f"schema {settings.schema!r} is at version {version}, this relay needs "
+            f"{SCHEMA_VERSION}; run `outbox-relay migrate`"
         )
     return store
+
+
+async def join(settings: Settings, relay_id: str) -> Membership:
+    """Register this relay and take its share of the key buckets."""
+    url = settings.require_database_url()
+    membership = Membership(
+        to_libpq(url),
+        settings.schema,
+        relay_id,
+        settings.bucket_lease_seconds,
+        settings.heartbeat_seconds,
+    )
+    try:
+        await membership.heartbeat()
+    except psycopg.Error as exc:
+        await membership.close()
+        raise DatabaseUnavailableError(
+            f"cannot register the relay in {redact(url)}: {str(exc).strip().splitlines()[0]}"
+        ) from exc
+    return membership
 
 
 async def _schema_version(store: Store) -> int | None:
@@ -87,16 +114,30 @@ async def run_relay(
     routes = build_routes(settings)
     relay_id = new_relay_id()
     store = await open_store(settings, relay_id)
-    engine = Engine(settings, store, routes)
+    try:
+        membership = await join(settings, relay_id)
+    except BaseException:
+        await store.close()
+        raise
+    engine = Engine(settings, store, routes, membership)
     stop = stop or _stop_on_signals(engine, settings.shutdown_grace)
+    for warning in order_warnings(settings):
+        log.warning("kafka: %s", warning)
     if settings.metrics_port is not None:
         log.warning("--metrics-port is not served yet (observability release); ignoring it")
-    log.info("relay %s started: %d route(s), schema %s", relay_id, len(routes), settings.schema)
+    log.info(
+        "relay %s started: %d route(s), schema %s, %d key bucket(s)",
+        relay_id,
+        len(routes),
+        settings.schema,
+        len(membership.buckets),
+    )
     if on_start:
         on_start(engine)
     try:
         await engine.run(stop, to_libpq(settings.require_database_url()))
     finally:
+        await membership.close()
         await store.close()
     log.info(
         "relay %s stopped: %d delivered, %d dead-lettered",

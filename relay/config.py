@@ -97,6 +97,13 @@ OPTIONS: tuple[Option, ...] = (
         "longest a batch stays locked in its claiming transaction; slower sends become a lease",
     ),
     Option("poll_interval", _seconds, 1.0, "longest sleep between claims when NOTIFY is quiet"),
+    Option(
+        "bucket_lease_seconds",
+        _seconds,
+        10.0,
+        "how long a relay's key buckets stay its own without a heartbeat (crash takeover time)",
+    ),
+    Option("heartbeat_seconds", _seconds, 2.0, "how often a relay renews its bucket leases"),
     Option("shutdown_grace", _seconds, 10.0, "time given to in-flight sends on SIGTERM"),
     Option("log_level", _log_level, "INFO", "debug, info, warning or error"),
     Option("log_format", _log_format, "text", "text or json"),
@@ -168,6 +175,8 @@ class Settings:
     lease_seconds: float = 120.0
     hold_seconds: float = 5.0
     poll_interval: float = 1.0
+    bucket_lease_seconds: float = 10.0
+    heartbeat_seconds: float = 2.0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"
@@ -216,6 +225,8 @@ def load_settings(
     values["routes"] = _routes(document.get("routes", []))
     settings = Settings(**values)
     _check_routes(settings)
+    _check_leases(settings)
+    _check_kafka_order(settings)
     return settings
 
 
@@ -374,6 +385,56 @@ def _check_route_value(where: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where}: {key} must be positive, got {value!r}")
     if isinstance(value, str) and not value:
         raise ConfigError(f"{where}: {key} must not be empty")
+
+
+def _check_leases(settings: Settings) -> None:
+    if settings.heartbeat_seconds * 3 > settings.bucket_lease_seconds:
+        raise ConfigError(
+            f"heartbeat_seconds ({settings.heartbeat_seconds:g}) must be at most a third of "
+            f"bucket_lease_seconds ({settings.bucket_lease_seconds:g}), or a relay could lose "
+            "its buckets between two heartbeats"
+        )
+
+
+def _truthy(value: ProducerValue | None) -> bool:
+    return str(value).strip().lower() in {"true", "1", "yes", "on"}
+
+
+def _in_flight(config: Mapping[str, ProducerValue]) -> int:
+    try:
+        return int(str(config.get("max.in.flight.requests.per.connection", 5)))
+    except ValueError:
+        return 5  # not a number: librdkafka reports it when the producer is created
+
+
+def _check_kafka_order(settings: Settings) -> None:
+    """librdkafka keeps per-partition order under retries only with idempotence and <= 5
+    requests in flight; refuse the one combination that librdkafka would refuse later."""
+    config = settings.producer_config()
+    in_flight = _in_flight(config)
+    if _truthy(config.get("enable.idempotence")) and in_flight > 5:
+        raise ConfigError(
+            "[kafka.producer] max.in.flight.requests.per.connection must be at most 5 with "
+            f"enable.idempotence (got {in_flight}); more would break per-key order on retries"
+        )
+
+
+def order_warnings(settings: Settings) -> list[str]:
+    """Producer overrides that give up per-key order; logged when the relay starts."""
+    config = settings.producer_config()
+    warnings = []
+    in_flight = _in_flight(config)
+    if not _truthy(config.get("enable.idempotence")) and in_flight > 1:
+        warnings.append(
+            "enable.idempotence is off with max.in.flight.requests.per.connection > 1: a "
+            "retried Kafka request can reorder messages of one key"
+        )
+    if config.get("partitioner") != KAFKA_PRODUCER_DEFAULTS["partitioner"]:
+        warnings.append(
+            f"partitioner is {config.get('partitioner')!r}: keys map to partitions "
+            "differently from the Java client's default (murmur2_random)"
+        )
+    return warnings
 
 
 def _check_routes(settings: Settings) -> None:

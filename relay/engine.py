@@ -22,6 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 
 from .backoff import Backoff
 from .config import Route, Settings
+from .membership import Membership
 from .plan import (
     NO_ROUTE,
     RecordPlan,
@@ -81,6 +82,7 @@ class Engine:
     settings: Settings
     store: Store
     routes: list[RouteRuntime]
+    membership: Membership | None = None
     stats: Stats = field(default_factory=Stats)
     _prefetch: asyncio.Future[HeldBatch] | None = None
     _matches: dict[str, list[RouteRuntime]] = field(default_factory=dict)
@@ -99,12 +101,15 @@ class Engine:
         """Drain until ``stop`` is set, then hand back anything still held."""
         self._stop = stop
         wake = asyncio.Event()
-        listener = asyncio.create_task(listen(conninfo, self.store.schema, wake, stop))
+        tasks = [asyncio.create_task(listen(conninfo, self.store.schema, wake, stop))]
+        if self.membership is not None:
+            tasks.append(asyncio.create_task(self.membership.run(stop, wake)))
         failures = 0
         try:
             while not stop.is_set():
                 wake.clear()
                 try:
+                    await self._hand_over_if_due()
                     handled = await self.step()
                     failures = 0
                 except DB_ERRORS as exc:
@@ -115,9 +120,22 @@ class Engine:
                 if handled < self.settings.batch_size:
                     await _wait_any(stop, wake, await self._idle_timeout())
         finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self._shutdown()
+
+    async def _hand_over_if_due(self) -> None:
+        """Between batches, give away buckets another relay is waiting for.
+
+        Nothing of this relay is in flight here: the previous batch is recorded, and a
+        prefetched claim (it may hold messages of those buckets) is given back first. So
+        the successor can never send a key while this relay still has it on the wire.
+        """
+        if self.membership is None or not self.membership.handoff_due:
+            return
+        await self._settle_prefetch(keep=False)
+        await self.membership.hand_over()
 
     async def _idle_timeout(self) -> float:
         timeout = self.settings.poll_interval
@@ -317,6 +335,14 @@ class Engine:
                 "could not release claims on shutdown (%s); their leases will expire",
                 _one_line(exc),
             )
+        if self.membership is not None:
+            try:
+                await self.membership.leave()
+            except DB_ERRORS as exc:
+                log.warning(
+                    "could not give back bucket leases on shutdown (%s); they will expire",
+                    _one_line(exc),
+                )
         for runtime in self.routes:
             await runtime.sink.close()
 

@@ -1,9 +1,11 @@
-"""``outbox-relay status``: per topic, what is pending, dead-lettered and how old."""
+"""``outbox-relay status``: per topic, what is pending, dead-lettered and how old; and the
+live relays with the key buckets each holds."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -21,14 +23,37 @@ class TopicStatus:
     oldest_pending_age_seconds: float | None = None
 
 
-def read_status(conn: psycopg.Connection[Any], schema: str) -> dict[str, TopicStatus]:
+@dataclass(frozen=True, slots=True)
+class RelayStatus:
+    id: str
+    host: str
+    pid: int
+    started_at: dt.datetime
+    last_heartbeat: dt.datetime
+    heartbeat_age_seconds: float
+    buckets: tuple[int, ...]
+    handing_over: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    topics: dict[str, TopicStatus]
+    relays: list[RelayStatus] = field(default_factory=list)
+    unowned_buckets: int = 0
+
+
+def read_status(conn: psycopg.Connection[Any], schema: str) -> Report:
     queries = load_queries("relay", "sql/queries.sql")
+
+    def run(name: str) -> list[tuple[Any, ...]]:
+        return conn.execute(with_schema(queries[name], schema)).fetchall()
+
     try:
-        pending = conn.execute(with_schema(queries["status_pending"], schema)).fetchall()
-        dead = conn.execute(with_schema(queries["status_dead"], schema)).fetchall()
+        pending, dead = run("status_pending"), run("status_dead")
+        relays, unowned = run("status_relays"), run("status_unowned")
     except psycopg.errors.UndefinedTable as exc:
         raise SchemaNotMigratedError(
-            f"schema {schema!r} has no outbox tables; run `outbox-relay migrate` first"
+            f"schema {schema!r} is missing outbox tables; run `outbox-relay migrate` first"
         ) from exc
     topics: dict[str, TopicStatus] = {}
     for topic, count, age in pending:
@@ -36,10 +61,17 @@ def read_status(conn: psycopg.Connection[Any], schema: str) -> dict[str, TopicSt
     for topic, count in dead:
         current = topics.get(topic, TopicStatus())
         topics[topic] = TopicStatus(current.pending, int(count), current.oldest_pending_age_seconds)
-    return dict(sorted(topics.items()))
+    return Report(
+        dict(sorted(topics.items())),
+        [
+            RelayStatus(rid, host, int(pid), started, beat, float(age), tuple(held), tuple(drain))
+            for rid, host, pid, started, beat, age, held, drain in relays
+        ],
+        int(unowned[0][0]),
+    )
 
 
-def to_json(report: dict[str, TopicStatus]) -> str:
+def to_json(report: Report) -> str:
     return json.dumps(
         {
             "topics": {
@@ -48,27 +80,80 @@ def to_json(report: dict[str, TopicStatus]) -> str:
                     "dead": s.dead,
                     "oldest_pending_age_seconds": s.oldest_pending_age_seconds,
                 }
-                for topic, s in report.items()
-            }
+                for topic, s in report.topics.items()
+            },
+            "relays": [
+                {
+                    "id": r.id,
+                    "host": r.host,
+                    "pid": r.pid,
+                    "buckets": list(r.buckets),
+                    "last_heartbeat": r.last_heartbeat.isoformat(),
+                    "heartbeat_age_seconds": round(r.heartbeat_age_seconds, 3),
+                    "started_at": r.started_at.isoformat(),
+                    "handing_over": list(r.handing_over),
+                }
+                for r in report.relays
+            ],
+            "unowned_buckets": report.unowned_buckets,
         },
         indent=2,
     )
 
 
-def print_status(report: dict[str, TopicStatus], *, as_json: bool) -> None:
+def ranges(buckets: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5, 7, 8)`` -> ``"0-2,5,7-8"``."""
+    parts: list[str] = []
+    start = prev = None
+    for b in (*buckets, None):
+        if b is not None and prev is not None and b == prev + 1:
+            prev = b
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = b
+    return ",".join(parts) or "-"
+
+
+def print_status(report: Report, *, as_json: bool) -> None:
     if as_json:
         print(to_json(report))
         return
+    console = Console()
     table = Table(title="outbox status")
     table.add_column("topic")
     table.add_column("pending", justify="right")
     table.add_column("dead", justify="right")
     table.add_column("oldest pending", justify="right")
-    for topic, s in report.items():
+    for topic, s in report.topics.items():
         age = (
             "-" if s.oldest_pending_age_seconds is None else f"{s.oldest_pending_age_seconds:.1f}s"
         )
         table.add_row(topic, str(s.pending), str(s.dead), age)
-    if not report:
+    if not report.topics:
         table.add_row("(no messages)", "0", "0", "-")
-    Console().print(table)
+    console.print(table)
+    relays = Table(title="relays")
+    relays.add_column("relay")
+    relays.add_column("host")
+    relays.add_column("pid", justify="right")
+    relays.add_column("buckets", justify="right")
+    relays.add_column("held")
+    relays.add_column("last heartbeat", justify="right")
+    for r in report.relays:
+        held = ranges(r.buckets)
+        if r.handing_over:
+            held += f" (handing over {ranges(r.handing_over)})"
+        relays.add_row(
+            r.id,
+            r.host,
+            str(r.pid),
+            str(len(r.buckets)),
+            held,
+            f"{r.heartbeat_age_seconds:.1f}s ago",
+        )
+    if not report.relays:
+        relays.add_row("(no live relay)", "-", "-", "0", "-", "-")
+    console.print(relays)
+    if report.unowned_buckets:
+        console.print(f"{report.unowned_buckets} key bucket(s) have no live holder")

@@ -3,15 +3,20 @@
 
 -- name: hold_first_pass
 -- Oldest messages not yet on their first pass, locked by this relay's open transaction
--- while the batch is sent (no row is written to claim it). A keyed message is skipped
--- while an earlier message of its key is leased to another relay (e.g. one whose send was
--- slow and then crashed): that lease must end first, or per-key order could break. This
--- relay's own leases do not block: it sends its batches strictly one after another.
+-- while the batch is sent (no row is written to claim it). A keyed message is claimed only
+-- by the relay holding its bucket's lease, and only while no handoff of that bucket is
+-- pending; keyless messages go to any relay. A keyed message is also skipped while an
+-- earlier message of its key is leased to another relay (e.g. one whose send was slow and
+-- then crashed): that lease must end first, or per-key order could break. This relay's own
+-- leases do not block: it sends its batches strictly one after another.
 SELECT m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
        m.idempotency_key, m.created_at, 0 AS attempts, NULL::text AS route
   FROM {schema}.message m
  WHERE NOT m.fanned
    AND (m.claimed_until IS NULL OR m.claimed_until < now())
+   AND (m.msg_key IS NULL OR m.bucket = ANY(ARRAY(
+        SELECT b.bucket FROM {schema}.bucket_lease b
+         WHERE b.holder = %(relay)s AND b.successor IS NULL AND b.expires_at > now())))
    AND (m.msg_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM {schema}.message e
          WHERE e.topic = m.topic AND e.msg_key = m.msg_key AND e.seq < m.seq
@@ -40,14 +45,18 @@ SELECT DISTINCT p.route, p.topic, p.msg_key
     ON p.topic = k.topic AND p.msg_key = k.msg_key
 
 -- name: claim_retry_pass
--- Due route_pending rows of the routes this relay serves now, oldest first. A keyed row
--- waits while an earlier row of the same route and key is not due yet or is leased.
+-- Due route_pending rows of the routes this relay serves now, oldest first; keyed rows
+-- only of buckets this relay holds. A keyed row waits while an earlier row of the same
+-- route and key is not due yet or is leased.
 WITH candidate AS (
     SELECT p.seq, p.route
       FROM {schema}.route_pending p
      WHERE p.available_at <= now()
        AND (p.claimed_until IS NULL OR p.claimed_until < now())
        AND p.route = ANY(%(routes)s::text[])
+       AND (p.msg_key IS NULL OR p.bucket = ANY(ARRAY(
+            SELECT b.bucket FROM {schema}.bucket_lease b
+             WHERE b.holder = %(relay)s AND b.successor IS NULL AND b.expires_at > now())))
        AND (p.msg_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM {schema}.route_pending e
              WHERE e.route = p.route AND e.topic = p.topic AND e.msg_key = p.msg_key
@@ -125,12 +134,13 @@ ON CONFLICT (message_id, route) DO UPDATE
        last_error = EXCLUDED.last_error, dead_at = EXCLUDED.dead_at
 
 -- name: upsert_pending
-INSERT INTO {schema}.route_pending AS p (seq, route, topic, msg_key, attempts, available_at,
-                                         last_error)
-SELECT seq, route, topic, msg_key, attempts, now() + delay, error
+INSERT INTO {schema}.route_pending AS p (seq, route, topic, msg_key, bucket, attempts,
+                                         available_at, last_error)
+SELECT u.seq, u.route, u.topic, u.msg_key, m.bucket, u.attempts, now() + u.delay, u.error
   FROM unnest(%(seq)s::bigint[], %(route)s::text[], %(topic)s::text[], %(key)s::bytea[],
               %(attempts)s::int[], %(delay)s::interval[], %(error)s::text[])
        AS u(seq, route, topic, msg_key, attempts, delay, error)
+  JOIN {schema}.message m ON m.seq = u.seq
 ON CONFLICT (seq, route) DO UPDATE
    SET attempts = EXCLUDED.attempts, available_at = EXCLUDED.available_at,
        last_error = coalesce(EXCLUDED.last_error, p.last_error),
@@ -181,3 +191,96 @@ SELECT topic, count(*) FROM {schema}.dead_letter GROUP BY topic
 
 -- name: schema_version
 SELECT max(version) FROM {schema}.schema_migrations
+
+-- name: status_relays
+SELECT r.relay_id, r.host, r.pid, r.started_at, r.heartbeat_at,
+       extract(epoch FROM now() - r.heartbeat_at),
+       coalesce(array_agg(b.bucket ORDER BY b.bucket) FILTER (WHERE b.bucket IS NOT NULL),
+                '{{}}'::smallint[]),
+       coalesce(array_agg(b.bucket ORDER BY b.bucket)
+                FILTER (WHERE b.bucket IS NOT NULL AND b.successor IS NOT NULL),
+                '{{}}'::smallint[])
+  FROM {schema}.relay r
+  LEFT JOIN {schema}.bucket_lease b ON b.holder = r.relay_id AND b.expires_at > now()
+ WHERE r.expires_at > now()
+ GROUP BY r.relay_id
+ ORDER BY r.relay_id
+
+-- name: status_unowned
+SELECT count(*) FROM {schema}.bucket_lease WHERE holder IS NULL OR expires_at <= now()
+
+-- Bucket ownership. Membership changes run one at a time under a transaction-scoped
+-- advisory lock; each is a handful of statements over at most 256 rows.
+
+-- name: membership_lock
+SELECT pg_advisory_xact_lock(%(lock)s)
+
+-- name: heartbeat
+INSERT INTO {schema}.relay (relay_id, host, pid, expires_at)
+VALUES (%(relay)s, %(host)s, %(pid)s, now() + %(lease)s)
+ON CONFLICT (relay_id) DO UPDATE
+   SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
+
+-- name: renew_buckets
+-- A holder keeps its buckets even past expiry as long as nobody else took them: no other
+-- relay can have delivered their keys in between.
+UPDATE {schema}.bucket_lease SET expires_at = now() + %(lease)s WHERE holder = %(relay)s
+
+-- name: forget_expired_relays
+DELETE FROM {schema}.relay WHERE expires_at <= now() RETURNING relay_id
+
+-- name: live_relays
+SELECT relay_id FROM {schema}.relay ORDER BY relay_id
+
+-- name: bucket_leases
+SELECT bucket, holder, successor, holder IS NOT NULL AND expires_at <= now()
+  FROM {schema}.bucket_lease
+ ORDER BY bucket
+
+-- name: assign_buckets
+-- Free buckets (never held, released, or their holder's lease expired) get a holder at once.
+UPDATE {schema}.bucket_lease b
+   SET holder = a.holder, successor = NULL, expires_at = now() + %(lease)s,
+       epoch = b.epoch + 1, changed_at = now()
+  FROM unnest(%(buckets)s::smallint[], %(holders)s::text[]) AS a(bucket, holder)
+ WHERE b.bucket = a.bucket
+
+-- name: mark_successors
+-- Buckets of a live holder move only through it: it is asked to hand them over.
+UPDATE {schema}.bucket_lease b
+   SET successor = a.successor
+  FROM unnest(%(buckets)s::smallint[], %(successors)s::text[]) AS a(bucket, successor)
+ WHERE b.bucket = a.bucket
+
+-- name: hand_over
+-- The draining holder has no batch in flight: the successor, if still alive, takes over
+-- (otherwise the bucket is free for the next rebalance).
+UPDATE {schema}.bucket_lease b
+   SET holder = (SELECT r.relay_id FROM {schema}.relay r
+                  WHERE r.relay_id = b.successor AND r.expires_at > now()),
+       successor = NULL, expires_at = now() + %(lease)s,
+       epoch = b.epoch + 1, changed_at = now()
+ WHERE b.holder = %(relay)s AND b.successor IS NOT NULL
+RETURNING b.bucket, b.holder
+
+-- name: own_buckets
+SELECT bucket, successor IS NOT NULL FROM {schema}.bucket_lease
+ WHERE holder = %(relay)s ORDER BY bucket
+
+-- name: fence_sessions
+-- Sessions of relays whose expired buckets were just reassigned (see Membership).
+SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+ WHERE application_name = ANY(%(names)s::text[]) AND usename = current_user
+   AND pid <> pg_backend_pid()
+
+-- name: release_buckets
+UPDATE {schema}.bucket_lease
+   SET holder = NULL, successor = NULL, expires_at = NULL, epoch = epoch + 1,
+       changed_at = now()
+ WHERE holder = %(relay)s
+
+-- name: leave
+DELETE FROM {schema}.relay WHERE relay_id = %(relay)s
+
+-- name: wake_relays
+SELECT pg_notify(%(channel)s, '')

@@ -1,0 +1,228 @@
+"""Bucket leases in the database: join, heartbeat, rebalance, hand over, leave.
+
+Each relay keeps one connection of its own for this (a busy claim pool never delays a
+heartbeat). Every change to ``bucket_lease`` runs in one short transaction under a
+transaction-scoped advisory lock, so rebalances never race each other. The claim queries
+read ``bucket_lease`` themselves: a relay claims keyed messages only of buckets the database
+says it holds, with a lease that has not expired and no handoff pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import os
+import socket
+from typing import Any
+
+import psycopg
+
+from outbox_lib._sqlfiles import load_queries, with_schema
+
+from .ownership import Lease, Moves, rebalance
+
+log = logging.getLogger(__name__)
+
+
+def membership_lock_key(schema: str) -> int:
+    """A stable signed 64-bit advisory-lock key for this schema's bucket leases."""
+    digest = hashlib.blake2b(f"outbox-relay:buckets:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def application_name(relay_id: str) -> str:
+    """What every connection of a relay calls itself (``pg_stat_activity``)."""
+    return f"outbox-relay {relay_id}"[:63]
+
+
+class Membership:
+    """This relay's view of, and part in, the bucket leases."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        schema: str,
+        relay_id: str,
+        lease_seconds: float = 10.0,
+        heartbeat_seconds: float = 2.0,
+    ) -> None:
+        self._conninfo = conninfo
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._q = {
+            name: with_schema(text, schema)
+            for name, text in load_queries("relay", "sql/queries.sql").items()
+        }
+        self.schema = schema
+        self.relay_id = relay_id
+        self.lease = dt.timedelta(seconds=lease_seconds)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.buckets: frozenset[int] = frozenset()
+        self.draining: frozenset[int] = frozenset()
+        self.moves = 0  # rebalances this relay wrote (for logs and tests)
+        self._lock = membership_lock_key(schema)
+
+    @property
+    def handoff_due(self) -> bool:
+        """Some of this relay's buckets should move: hand them over between batches."""
+        return bool(self.draining)
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._conninfo,
+                autocommit=True,
+                application_name=application_name(self.relay_id),
+                connect_timeout=10,
+            )
+        return self._conn
+
+    async def _in_transaction(self, work: Any) -> Any:
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                await conn.execute(self._q["membership_lock"], {"lock": self._lock})
+                return await work(conn)
+        except psycopg.Error:
+            await self._drop()
+            raise
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+
+    async def heartbeat(self) -> None:
+        """Renew this relay and its buckets, rebalance if needed, learn what to hand over."""
+        await self._in_transaction(self._heartbeat)
+
+    async def _heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        params = {
+            "relay": self.relay_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "lease": self.lease,
+        }
+        await conn.execute(self._q["heartbeat"], params)
+        await conn.execute(self._q["renew_buckets"], params)
+        await self._rebalance(conn)
+        await self._read_own(conn)
+
+    async def _rebalance(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        gone = await (await conn.execute(self._q["forget_expired_relays"])).fetchall()
+        live = [r[0] for r in await (await conn.execute(self._q["live_relays"])).fetchall()]
+        rows = await (await conn.execute(self._q["bucket_leases"])).fetchall()
+        leases = [Lease(int(b), h, s, bool(x)) for b, h, s, x in rows]
+        moves = rebalance(leases, live)
+        if gone:
+            log.warning(
+                "relay(s) %s stopped heartbeating; their buckets are taken over",
+                ", ".join(r[0] for r in gone),
+            )
+        if moves:
+            await self._fence_expired(conn, leases, moves)
+            await self._write(conn, moves)
+
+    async def _write(self, conn: psycopg.AsyncConnection[Any], moves: Moves) -> None:
+        if moves.assign:
+            await conn.execute(
+                self._q["assign_buckets"],
+                {
+                    "buckets": list(moves.assign),
+                    "holders": list(moves.assign.values()),
+                    "lease": self.lease,
+                },
+            )
+        if moves.successors:
+            await conn.execute(
+                self._q["mark_successors"],
+                {"buckets": list(moves.successors), "successors": list(moves.successors.values())},
+            )
+        await conn.execute(self._q["wake_relays"], {"channel": f"{self.schema}_wakeup"})
+        self.moves += 1
+        log.info(
+            "rebalanced buckets: %d assigned, %d handoffs requested",
+            len(moves.assign),
+            sum(1 for s in moves.successors.values() if s is not None),
+        )
+
+    async def _fence_expired(
+        self, conn: psycopg.AsyncConnection[Any], leases: list[Lease], moves: Moves
+    ) -> None:
+        """End the sessions of relays whose expired buckets are reassigned.
+
+        A relay whose lease expired while it still runs (frozen, or cut off from the
+        database but not its sessions) might still hold row locks in an open transaction.
+        Ending its sessions releases them and makes its pending record fail, so it can never
+        commit a batch of a bucket that has moved on. Best effort: only sessions of our own
+        database role can be ended.
+        """
+        by_bucket = {lease.bucket: lease for lease in leases}
+        stale = {
+            by_bucket[b].holder
+            for b in moves.assign
+            if by_bucket[b].holder is not None and by_bucket[b].holder != self.relay_id
+        }
+        names = [application_name(h) for h in stale if h is not None]
+        if names:
+            await conn.execute(self._q["fence_sessions"], {"names": names})
+
+    async def _read_own(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        rows = await (
+            await conn.execute(self._q["own_buckets"], {"relay": self.relay_id})
+        ).fetchall()
+        self.buckets = frozenset(int(b) for b, _ in rows)
+        self.draining = frozenset(int(b) for b, draining in rows if draining)
+
+    async def hand_over(self) -> None:
+        """Give the buckets marked for handoff to their successors. Call between batches."""
+        await self._in_transaction(self._hand_over)
+
+    async def _hand_over(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute(
+            self._q["hand_over"], {"relay": self.relay_id, "lease": self.lease}
+        )
+        moved = await cur.fetchall()
+        if moved:
+            await conn.execute(self._q["wake_relays"], {"channel": f"{self.schema}_wakeup"})
+            log.info("handed over %d bucket(s)", len(moved))
+        await self._read_own(conn)
+
+    async def leave(self) -> None:
+        """Give every bucket back and let the remaining relays take them at once."""
+        try:
+            await self._in_transaction(self._leave)
+        finally:
+            await self._drop()
+
+    async def _leave(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(self._q["release_buckets"], {"relay": self.relay_id})
+        await conn.execute(self._q["leave"], {"relay": self.relay_id})
+        await self._rebalance(conn)
+        self.buckets = self.draining = frozenset()
+
+    async def run(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
+        """Heartbeat every ``heartbeat_seconds`` until ``stop``; wake the engine on handoffs."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.heartbeat_seconds)
+            if stop.is_set():
+                return
+            try:
+                await self.heartbeat()
+            except psycopg.Error as exc:
+                log.warning("bucket lease heartbeat failed (%s); retrying", _one_line(exc))
+                continue
+            if self.handoff_due:
+                wake.set()
+
+    async def close(self) -> None:
+        await self._drop()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
