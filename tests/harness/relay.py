@@ -48,11 +48,14 @@ def publish_many(
     per_tx: int = 100,
     rollback: Callable[[int], bool] | None = None,
     payload: Callable[[int], object] | None = None,
+    payload_offset: int = 0,
 ) -> list[int]:
-    """Publish ``count`` messages ``{"n": i}`` keyed ``k{i % keys}``; return committed ``n``s."""
+    """Publish ``count`` messages ``{"n": i}`` keyed ``k{i % keys}``, ``i`` counting from
+    ``payload_offset``; return the committed ``n``s."""
     committed: list[int] = []
-    for start in range(0, count, per_tx):
-        batch = list(range(start, min(start + per_tx, count)))
+    end = payload_offset + count
+    for start in range(payload_offset, end, per_tx):
+        batch = list(range(start, min(start + per_tx, end)))
         with Session(engine) as session:
             for n in batch:
                 key = None if keys is None else f"k{n % keys}"
@@ -182,6 +185,13 @@ class RelayProcess:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._log.close()
+
+    def stop_quietly(self) -> None:
+        """Teardown after a failure: kill the process if it still runs, close the log."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
         self._log.close()
 
     def terminate(self, timeout: float = 30.0) -> int:
