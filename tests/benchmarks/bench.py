@@ -1,5 +1,6 @@
 """outbox-relay benchmark: drain rate against a raw producer, a naive relay and faststream-outbox,
-and commit-to-consume latency at a steady publish rate. Not a test: it gates nothing.
+with several relay processes on one database, and commit-to-consume latency at a steady publish
+rate. Not a test: it gates nothing.
 
 Usage (``make bench`` runs the first line)::
 
@@ -7,6 +8,7 @@ Usage (``make bench`` runs the first line)::
     python -m tests.benchmarks.bench --messages 200000 --keys 1000 --payload-bytes 200 \\
         --out bench-results --database-url postgresql://... --kafka host:9092
     python -m tests.benchmarks.bench --only relay --batch-sizes 1000,2000,5000
+    python -m tests.benchmarks.bench --only relay,relays --relay-counts 1,2,3 --quiet-wait 120
 
 Without ``--database-url`` / ``--kafka`` it starts an embedded PostgreSQL 18 (unix socket,
 default settings: fsync and synchronous_commit on) and an in-memory Tansu broker, and stops
@@ -24,7 +26,18 @@ relay       ``relay.app.run_relay`` in-process draining the backlog (bulk-loaded
             ``engine.stats.delivered`` reaches the backlog; checked in SQL (delivery rows,
             nothing left in message) and on the topic (records, duplicates); reports the
             WAL written per message and the time spent inside each store/sink call.
-            raw and relay run ``--repeat`` times, interleaved, and the median run is shown.
+relays      ``--relay-counts`` (1,2,3) ``python -m relay.cli run`` processes draining the same
+            backlog together (batch: the first ``--batch-sizes`` entry). Timed from the
+            moment all N have started and receive their even share of the 256 key buckets
+            at once (the benchmark holds every bucket while they start, then lets go) until
+            ``message`` is empty; buckets and deliveries per relay, SQL and topic checks as
+            for relay. Then, once, what the leases cost one relay holding all 256 buckets:
+            the real claim query with and without its bucket-ownership filter (median of 20
+            each, rolled back) and the heartbeat transaction (median of 50). Details and why
+            it is timed this way: relays.py. On a 2-core machine, 2 and 3 relays compete with
+            PostgreSQL and the broker for the same cores: the rate says what this box does,
+            not how far relays scale.
+            raw, relay and relays run ``--repeat`` times, interleaved; the median run is shown.
 naive       the loop most people write: SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED, produce,
             flush, DELETE, COMMIT per message; capped at ``--naive-seconds``, rest extrapolated.
 faststream  faststream-outbox (``pip install faststream-outbox asyncpg``) relaying its own
@@ -61,7 +74,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import confluent_kafka
 from rich.console import Console
@@ -71,10 +84,13 @@ from . import workload as w
 from .fs_outbox import FS_WORKERS, FsConfig, faststream_outbox
 from .latency import Pace, steady_latency
 from .machine import CpuWatch, Load
-from .results import Latency, Throughput, failed, median_of_runs
+from .relays import lease_cost, processes, relays_drain
+from .results import Latency, LeaseCost, Throughput, failed, median_of_runs
 from .throughput import naive_relay, raw_produce, relay_drain
 
-SCENARIOS = ("raw", "relay", "naive", "faststream", "latency")
+SCENARIOS = ("raw", "relay", "relays", "naive", "faststream", "latency")
+Result = Throughput | Latency | LeaseCost
+R = TypeVar("R", bound=Result)
 # Other processes using more than this many cores during a scenario make its figures suspect.
 NOISY_CORES = 0.25
 
@@ -95,7 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--kafka", help="bootstrap servers to use instead of an embedded Tansu broker")
     add("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
     add("--batch-sizes", default="1000,5000", help="relay batch sizes to drain with")
-    add("--repeat", type=int, default=3, help="runs of raw and relay, interleaved; median kept")
+    add("--relay-counts", default="1,2,3", help="relay processes sharing one database (relays)")
+    add("--repeat", type=int, default=3,
+        help="runs of raw, relay and relays, interleaved; median kept")  # fmt: skip
     add("--drain-timeout", type=float, default=600.0, help="give up on a relay drain after")
     add("--naive-seconds", type=float, default=20.0, help="cap on the naive relay")
     add("--faststream-seconds", type=float, default=60.0, help="cap on faststream-outbox")
@@ -118,6 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.payload_bytes < 128:
         parser.error("--payload-bytes must be at least 128 (the JSON order itself)")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    args.relay_counts = [int(n) for n in args.relay_counts.split(",") if n.strip()]
+    if any(n < 1 for n in args.relay_counts):
+        parser.error("--relay-counts must be positive numbers of relays")
     return args
 
 
@@ -161,6 +182,7 @@ class Run:
         self.cpu = cpu
         self.throughput: list[Throughput] = []
         self.latency: list[Latency] = []
+        self.leases: list[LeaseCost] = []
 
     def all(self) -> None:
         plan = self._plan()
@@ -171,17 +193,13 @@ class Run:
             self._guarded(label, step)
             self.console.print(f"done in {time.perf_counter() - started:.1f} s")
 
-    def _plan(self) -> list[tuple[str, Callable[[], Throughput | Latency]]]:
+    def _plan(self) -> list[tuple[str, Callable[[], Result]]]:
         a, t = self.args, self.target
-        steps: list[tuple[str, Callable[[], Throughput | Latency]]] = []
+        steps: list[tuple[str, Callable[[], Result]]] = []
         for run in range(1, a.repeat + 1):
-            of = f" (run {run} of {a.repeat})" if a.repeat > 1 else ""
-            if "raw" in a.only:
-                steps.append((f"raw produce{of}", lambda: raw_produce(t)))
-            if "relay" in a.only:
-                for size in a.batch_sizes:
-                    drain = _bind(relay_drain, t, size, a.drain_timeout)
-                    steps.append((f"outbox-relay drain, batch {size}{of}", drain))
+            steps += self._repeated(f" (run {run} of {a.repeat})" if a.repeat > 1 else "")
+        if "relays" in a.only:
+            steps.append(("bucket-lease cost, 1 relay", _bind(lease_cost, t, a.batch_sizes[0])))
         if "naive" in a.only:
             steps.append(("naive relay", lambda: naive_relay(t, a.naive_seconds)))
         if "faststream" in a.only:
@@ -194,6 +212,23 @@ class Run:
                           lambda: steady_latency(t, pace, a.batch_sizes[0])))  # fmt: skip
         return steps
 
+    def _repeated(self, of: str) -> list[tuple[str, Callable[[], Result]]]:
+        """One run of each repeated scenario (raw, relay, relays)."""
+        a, t = self.args, self.target
+        steps: list[tuple[str, Callable[[], Result]]] = []
+        if "raw" in a.only:
+            steps.append((f"raw produce{of}", lambda: raw_produce(t)))
+        if "relay" in a.only:
+            for size in a.batch_sizes:
+                drain = _bind(relay_drain, t, size, a.drain_timeout)
+                steps.append((f"outbox-relay drain, batch {size}{of}", drain))
+        if "relays" in a.only:
+            size = a.batch_sizes[0]
+            for count in a.relay_counts:
+                drain = _bind(relays_drain, t, count, size, a.drain_timeout)
+                steps.append((f"{processes(count)}, batch {size}{of}", drain))
+        return steps
+
     def _wait_for_quiet(self) -> None:
         if self.args.quiet_wait <= 0:
             return
@@ -203,7 +238,7 @@ class Run:
                                f"{self.args.quiet_wait:.0f} s for them to settle")  # fmt: skip
             self.cpu.wait_for_quiet(NOISY_CORES, self.args.quiet_wait)
 
-    def _guarded(self, label: str, step: Callable[[], Throughput | Latency]) -> None:
+    def _guarded(self, label: str, step: Callable[[], Result]) -> None:
         self.cpu.start()
         try:
             result = step()
@@ -215,12 +250,17 @@ class Run:
             self.latency.append(result)
             cuts = result.percentiles()
             self.console.print(f"p50 {cuts.get('p50', 0):.1f} ms, p99 {cuts.get('p99', 0):.1f} ms")
+        elif isinstance(result, LeaseCost):
+            self.leases.append(result)
+            self.console.print(f"claim {result.claim_ms:.2f} ms with the bucket filter, "
+                               f"{result.claim_ms_unfiltered:.2f} ms without; heartbeat "
+                               f"{result.heartbeat_ms:.2f} ms")  # fmt: skip
         else:
             self.throughput.append(result)
             rate = f"{result.rate:,.0f} msg/s" if result.rate else result.status
             self.console.print(f"{result.scenario}: {rate}; {result.note}")
 
-    def _note_load(self, result: Throughput | Latency, load: Load) -> None:
+    def _note_load(self, result: Result, load: Load) -> None:
         result.details["load"] = asdict(load)
         self.console.print(f"CPU during the scenario: {load.describe()}")
         if load.other_cores + load.steal_cores > NOISY_CORES:
@@ -229,7 +269,7 @@ class Run:
             self.console.print(f"[yellow]warning: {load.describe()}; figures are depressed")
 
 
-def _bind(fn: Callable[..., Throughput], *args: Any) -> Callable[[], Throughput]:
+def _bind(fn: Callable[..., R], *args: Any) -> Callable[[], R]:
     return lambda: fn(*args)
 
 
@@ -300,12 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - began
     title = headline(workload, env)
     run.throughput = median_of_runs(run.throughput)
-    report.show(console, run.throughput, run.latency, title)
+    report.show(console, run.throughput, run.latency, title, run.leases)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"args": {k: v for k, v in vars(args).items() if k not in ("database_url", "out")},
             "environment": env, "total_seconds": total}  # fmt: skip
-    report.write_json(args.out / "results.json", meta, run.throughput, run.latency)
-    report.plot(args.out / "bench.png", run.throughput, run.latency, title)
+    report.write_json(args.out / "results.json", meta, run.throughput, run.latency, run.leases)
+    report.plot(args.out / "bench.png", run.throughput, run.latency, title, run.leases)
     console.print(f"full run {total:.0f} s; wrote {args.out / 'results.json'} and "
                   f"{args.out / 'bench.png'}")  # fmt: skip
     return 0

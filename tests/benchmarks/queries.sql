@@ -86,3 +86,14 @@ SELECT %(queue)s, b.payload,
 -- name: server_facts
 SELECT current_setting('server_version'), current_setting('shared_buffers'),
        current_setting('synchronous_commit'), current_setting('fsync')
+
+-- name: first_message
+-- A drain is over once this finds nothing: an index probe, cheap to repeat every few ms.
+SELECT seq FROM {schema}.message ORDER BY seq LIMIT 1
+
+-- name: bucket_spread
+-- Buckets per relay, as the claim queries see them (a live lease, no handoff pending).
+SELECT holder, count(*) FROM {schema}.bucket_lease
+ WHERE holder IS NOT NULL AND successor IS NULL AND expires_at > now()
+ GROUP BY holder
+ ORDER BY holder

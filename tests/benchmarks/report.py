@@ -9,10 +9,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .results import Latency, Throughput
+from .results import Latency, LeaseCost, Throughput
 
 FLOOR_MSG_S = 20_000
 RELAY_PREFIX = "outbox-relay, batch"
+PROCESSES = "relay_processes"  # in the details of a ``relays`` drain: how many relays shared it
 
 
 def throughput_table(rows: list[Throughput], headline: str) -> Table:
@@ -84,24 +85,88 @@ def _phase_cell(phase: dict[str, float] | None) -> str:
             f"({phase['calls']:.0f} x {phase['ms_per_call']:.1f} ms)")  # fmt: skip
 
 
+def relays_table(rows: list[Throughput]) -> Table | None:
+    """Relay processes sharing one database: rate per N, against one process and in-process."""
+    shared = [r for r in rows if PROCESSES in r.details]
+    if not shared:
+        return None
+    cpus = shared[0].details.get("cpus")
+    table = Table(
+        title=f"Relay processes sharing one database ({cpus} CPUs, shared with PostgreSQL and "
+        "the broker)", title_justify="left",
+    )  # fmt: skip
+    for name in ("relays", "msg/s", "vs 1 process", "vs in-process", "buckets per relay",
+                 "delivered per relay", "duplicates", "status"):  # fmt: skip
+        table.add_column(name, justify="left" if name == "status" else "right", no_wrap=True)
+    one = next((r.rate for r in shared if r.details[PROCESSES] == 1 and r.rate), None)
+    for row in shared:
+        inline = _in_process_rate(rows, row.details["batch_size"])
+        split = row.details["delivered_per_relay"]
+        table.add_row(
+            str(row.details[PROCESSES]), _rate(row), _ratio(row.rate, one),
+            _ratio(row.rate, inline), "/".join(map(str, row.details["buckets_per_relay"])),
+            "/".join("?" if d is None else f"{d:,}" for d in split),
+            str(row.details.get("duplicates", "-")), row.status,
+        )  # fmt: skip
+    return table
+
+
+def _in_process_rate(rows: list[Throughput], batch_size: int) -> float | None:
+    """The ``relay`` scenario's rate at this batch size (one relay, in the benchmark process)."""
+    name = f"{RELAY_PREFIX} {batch_size}"
+    return next((r.rate for r in rows if r.scenario == name and r.rate), None)
+
+
+def _ratio(rate: float | None, base: float | None) -> str:
+    return f"{rate / base:.0%}" if rate and base else "-"
+
+
+def lease_table(rows: list[LeaseCost]) -> Table:
+    table = Table(title="What the bucket leases cost one relay", title_justify="left")
+    for name in ("figure", "ms", "notes"):
+        table.add_column(name, justify="right" if name == "ms" else "left",
+                         no_wrap=name != "notes")  # fmt: skip
+    for row in rows:
+        size, plans = row.batch_size, row.details.get("explain", {})
+        table.add_row(f"claim of {size:,}, with the bucket filter", f"{row.claim_ms:.2f}",
+                      _explained(plans.get("with bucket filter")) + row.note)  # fmt: skip
+        table.add_row(f"claim of {size:,}, filter removed", f"{row.claim_ms_unfiltered:.2f}",
+                      _explained(plans.get("without bucket filter")))  # fmt: skip
+        table.add_row("  filter cost per claim", f"{row.filter_ms:+.2f}", "")
+        table.add_row("  filter cost per 1,000 messages", f"{row.filter_ms_per_1000:+.2f}", "")
+        table.add_row("heartbeat transaction", f"{row.heartbeat_ms:.2f}",
+                      row.details.get("heartbeat_note", ""))  # fmt: skip
+    return table
+
+
+def _explained(plan: dict[str, Any] | None) -> str:
+    if not plan:
+        return ""
+    return (f"EXPLAIN ANALYZE: {plan['execution_ms']:.2f} ms in the server, "
+            f"{plan['shared_buffers_hit'] or 0:,} buffers hit; ")  # fmt: skip
+
+
 def show(console: Console, throughput: list[Throughput], latency: list[Latency],
-         headline: str) -> None:  # fmt: skip
+         headline: str, leases: list[LeaseCost] | None = None) -> None:  # fmt: skip
     if throughput:
         console.print(throughput_table(throughput, headline))
-        phases = phases_table(throughput)
-        if phases is not None:
-            console.print(phases)
+        for table in (phases_table(throughput), relays_table(throughput)):
+            if table is not None:
+                console.print(table)
+    if leases:
+        console.print(lease_table(leases))
     if latency:
         console.print(latency_table(latency))
 
 
 def write_json(path: Path, meta: dict[str, Any], throughput: list[Throughput],
-               latency: list[Latency]) -> None:  # fmt: skip
+               latency: list[Latency], leases: list[LeaseCost] | None = None) -> None:  # fmt: skip
     document = {
         **meta,
         "floor_msg_per_s": FLOOR_MSG_S,
         "throughput": [r.to_json() for r in throughput],
         "latency": [_latency_json(r) for r in latency],
+        "lease_cost": [r.to_json() for r in leases or []],
     }
     path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
 
@@ -112,15 +177,21 @@ def _latency_json(row: Latency) -> dict[str, Any]:
     return data
 
 
-def plot(path: Path, throughput: list[Throughput], latency: list[Latency], headline: str) -> None:
+def plot(path: Path, throughput: list[Throughput], latency: list[Latency], headline: str,
+         leases: list[LeaseCost] | None = None) -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bars, cdf) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
-    _bars(bars, throughput)
-    _cdf(cdf, latency)
+    shared = [r for r in throughput if PROCESSES in r.details and r.rate]
+    ratios = [3, 2, 2] if shared else [3, 2]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 6),
+                             gridspec_kw={"width_ratios": ratios})  # fmt: skip
+    _bars(axes[0], throughput)
+    _cdf(axes[1], latency)
+    if shared:
+        _scaling(axes[2], shared, throughput, leases or [])
     fig.suptitle(headline)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -130,7 +201,7 @@ def plot(path: Path, throughput: list[Throughput], latency: list[Latency], headl
 def _bars(ax: Any, rows: list[Throughput]) -> None:
     shown = [r for r in rows if r.rate]
     names = [r.scenario.replace(" (", "\n(") for r in shown]
-    colors = ["#2a9d8f" if r.scenario.startswith(RELAY_PREFIX) else "#8d99ae" for r in shown]
+    colors = [_color(r) for r in shown]
     bars = ax.bar(names, [r.rate for r in shown], color=colors)
     for bar, row in zip(bars, shown, strict=True):
         label = f"{row.rate:,.0f}" + ("\n(partial)" if row.status == "partial" else "")
@@ -147,6 +218,37 @@ def _bars(ax: Any, rows: list[Throughput]) -> None:
     if missing:
         text = "\n".join(f"{r.scenario}: {r.status} ({r.note})"[:110] for r in missing)
         ax.text(0.01, 0.99, text, transform=ax.transAxes, va="top", fontsize=7, color="#6c757d")
+
+
+def _color(row: Throughput) -> str:
+    if row.scenario.startswith(RELAY_PREFIX):
+        return "#2a9d8f"
+    return "#457b9d" if PROCESSES in row.details else "#8d99ae"
+
+
+def _scaling(ax: Any, shared: list[Throughput], rows: list[Throughput],
+             leases: list[LeaseCost]) -> None:  # fmt: skip
+    """msg/s per number of relay processes, the in-process relay as a line, lease costs."""
+    counts = [r.details[PROCESSES] for r in shared]
+    bars = ax.bar([str(n) for n in counts], [r.rate for r in shared], color="#457b9d")
+    for bar, row in zip(bars, shared, strict=True):
+        ax.annotate(f"{row.rate:,.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9)  # fmt: skip
+    inline = _in_process_rate(rows, shared[0].details["batch_size"])
+    if inline:
+        ax.axhline(inline, color="#2a9d8f", linestyle="--", linewidth=1)
+        ax.annotate(f"1 relay in-process: {inline:,.0f}", (len(shared) - 0.5, inline),
+                    color="#2a9d8f", ha="right", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_ylim(0, 1.3 * max([r.rate or 0.0 for r in shared] + [inline or 0.0]))
+    ax.set_xlabel("relay processes")
+    ax.set_ylabel("messages / s")
+    ax.set_title(f"relays sharing one database\n({shared[0].details.get('cpus')} CPUs in all, "
+                 "with PostgreSQL and the broker)", fontsize=10)  # fmt: skip
+    for lease in leases:
+        ax.text(0.02, 0.98, f"claim of {lease.batch_size:,}: {lease.claim_ms:.2f} ms with the "
+                f"bucket filter,\n{lease.claim_ms_unfiltered:.2f} ms without; heartbeat "
+                f"{lease.heartbeat_ms:.2f} ms", transform=ax.transAxes, fontsize=7,
+                color="#6c757d", va="top")  # fmt: skip
 
 
 def _cdf(ax: Any, rows: list[Latency]) -> None:

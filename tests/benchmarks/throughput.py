@@ -190,28 +190,37 @@ def relay_drain(target: w.Target, batch_size: int, timeout: float) -> Throughput
     )  # fmt: skip
     try:
         seconds, delivered, phases = asyncio.run(_drain(settings, expected, timeout))
-        wal = w.wal_bytes_since(target.database_url, wal_before)
-        left, rows, distinct = w.outbox_counts(target.database_url, schema)
+        checks = sql_checks(target.database_url, schema, wal_before)
     finally:
         w.drop_schema(target.database_url, schema)
-    count = w.records_on_topic(target.bootstrap, topic)
-    checks = {
-        "message_rows_left": left,
-        "delivery_rows": rows,
-        "distinct_delivered": distinct,
-        "records_on_topic": count.records,
-        "duplicates": count.duplicates,
-        "backlog_load_s": load_s,
-        "wal_bytes_per_message": wal / max(1, delivered),
-    }
-    ok = left == 0 and rows == expected == distinct and delivered >= expected
+    checks |= topic_checks(target.bootstrap, topic) | {"backlog_load_s": load_s}
+    ok = drained(checks, expected) and delivered >= expected
     return Throughput(
         name, delivered, seconds, status="ok" if ok else "partial" if delivered else "failed",
-        note=_relay_note(checks, expected), details={**checks, "phases": phases.breakdown(seconds)},
+        note=drain_note(checks), details={**checks, "phases": phases.breakdown(seconds)},
     )  # fmt: skip
 
 
-def _relay_note(checks: dict[str, Any], expected: int) -> str:
+def sql_checks(url: str, schema: str, wal_before: str) -> dict[str, Any]:
+    """After a drain, before its schema is dropped: what SQL holds, and the WAL it wrote."""
+    wal = w.wal_bytes_since(url, wal_before)
+    left, rows, distinct = w.outbox_counts(url, schema)
+    return {"message_rows_left": left, "delivery_rows": rows, "distinct_delivered": distinct,
+            "wal_bytes_per_message": wal / max(1, rows)}  # fmt: skip
+
+
+def topic_checks(bootstrap: str, topic: str) -> dict[str, Any]:
+    count = w.records_on_topic(bootstrap, topic)
+    return {"records_on_topic": count.records, "duplicates": count.duplicates}
+
+
+def drained(checks: dict[str, Any], expected: int) -> bool:
+    """Nothing left, and every message recorded as delivered exactly once."""
+    rows, distinct = checks["delivery_rows"], checks["distinct_delivered"]
+    return bool(checks["message_rows_left"] == 0 and rows == expected == distinct)
+
+
+def drain_note(checks: dict[str, Any]) -> str:
     return (
         f"SQL: {checks['delivery_rows']} delivery rows, {checks['message_rows_left']} messages "
         f"left; topic holds {checks['records_on_topic']} ({checks['duplicates']} duplicates); "

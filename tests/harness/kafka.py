@@ -11,7 +11,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,29 +189,36 @@ def _to_record(message: Any) -> Record:
     )
 
 
-def consume_to_end(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Record]:
-    """Everything up to each partition's high watermark at call time (duplicates included).
+def consume_until(
+    bootstrap: str,
+    topic: str,
+    done: Callable[[list[Record]], bool],
+    timeout: float = 60.0,
+    settle: float = 0.5,
+) -> list[Record]:
+    """Everything in ``topic`` (duplicates included) once ``done(records)`` holds, plus
+    whatever else arrives within ``settle`` seconds of quiet after that.
 
-    Use this when duplicates are possible: a count-based read could stop early.
+    Use this when duplicates are possible, so a count cannot tell when to stop. High
+    watermarks cannot either: Tansu under-reports them for compressed batches.
     """
     deadline = time.monotonic() + timeout
     consumer = Consumer(_consumer_config(bootstrap))
+    records: list[Record] = []
     try:
         if not _assign_all(consumer, topic, deadline):
-            return []
-        ends = {
-            tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1]
-            for tp in consumer.assignment()
-        }
-        records: list[Record] = []
-        reached = {p: end <= 0 for p, end in ends.items()}
-        while not all(reached.values()) and time.monotonic() < deadline:
-            for message in consumer.consume(1000, 0.1):
-                if _ok(message):
-                    records.append(_to_record(message))
-                    reached[message.partition()] |= (
-                        message.offset() + 1 >= ends[message.partition()]
-                    )
+            return records
+        quiet_since: float | None = None
+        while time.monotonic() < deadline:
+            batch = [_to_record(m) for m in consumer.consume(1000, 0.1) if _ok(m)]
+            records.extend(batch)
+            if quiet_since is None:
+                if done(records):
+                    quiet_since = time.monotonic()
+            elif batch:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= settle:
+                break
         return records
     finally:
         consumer.close()

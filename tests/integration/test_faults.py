@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 import outbox_lib
-from tests.harness.kafka import Record, consume_all, consume_to_end, create_topic
+from tests.harness.kafka import Record, consume_until, create_topic
 from tests.harness.relay import (
     RelayProcess,
     RelayThread,
@@ -33,13 +33,21 @@ pytestmark = pytest.mark.integration
 
 
 def read_topic(bootstrap: str, topic: str, at_least: int, timeout: float = 60.0) -> list[Record]:
-    """Everything on the topic: duplicates mean more than ``at_least`` records may be there."""
-    consume_all(bootstrap, topic, at_least, timeout=timeout)  # wait until enough arrived
-    return consume_to_end(bootstrap, topic, timeout=timeout)
+    """Everything on the topic once ``at_least`` distinct messages arrived, duplicates too."""
+
+    def enough(records: list[Record]) -> bool:
+        return len({json.loads(r.value)["n"] for r in records}) >= at_least
+
+    return consume_until(bootstrap, topic, enough, timeout=timeout)
 
 
-def check_ledger(records: list[Record], committed: list[int]) -> dict[str, int]:
-    """Lost must be empty and per-key first appearances in order; returns the figures."""
+def check_ledger(
+    records: list[Record], committed: list[int], url: str | None = None
+) -> dict[str, int]:
+    """Lost must be empty and per-key first appearances in order; returns the figures.
+
+    With ``url``, a loss report says what ``delivery`` recorded for the lost messages.
+    """
     first_seen: dict[bytes | None, list[int]] = defaultdict(list)
     seen: set[int] = set()
     duplicates = 0
@@ -52,11 +60,31 @@ def check_ledger(records: list[Record], committed: list[int]) -> dict[str, int]:
         first_seen[record.key].append(n)
     lost = set(committed) - seen
     phantom = seen - set(committed)
-    assert not lost, f"lost {len(lost)} messages, e.g. {sorted(lost)[:5]}"
+    assert not lost, f"lost {len(lost)} messages, e.g. {sorted(lost)[:5]}" + (
+        f"; delivery log: {recorded_as(url, sorted(lost)[:5])}" if url else ""
+    )
     assert not phantom, f"delivered {len(phantom)} rolled-back messages"
-    inversions = sum(1 for ns in first_seen.values() for a, b in itertools.pairwise(ns) if a > b)
+    inversions = sum(
+        1
+        for key, ns in first_seen.items()
+        if key is not None  # keyless messages carry no order promise
+        for a, b in itertools.pairwise(ns)
+        if a > b
+    )
     assert inversions == 0, f"{inversions} per-key inversions"
     return {"delivered": len(seen), "duplicates": duplicates}
+
+
+def recorded_as(url: str, ns: list[int]) -> list[tuple[int, int, int]]:
+    """(n, partition, offset) that ``delivery`` holds for these messages."""
+    rows = scalar(
+        url,
+        "SELECT json_agg(json_build_array((convert_from(payload, 'UTF8')::jsonb->>'n')::int,"
+        " kafka_partition, kafka_offset)) FROM outbox.delivery"
+        " WHERE (convert_from(payload, 'UTF8')::jsonb->>'n')::int = ANY(%s)",
+        (ns,),
+    )
+    return [tuple(r) for r in rows or []]
 
 
 def test_relay_sigkilled_mid_backlog_then_restarted_loses_nothing(

@@ -143,7 +143,7 @@ def test_three_relays_sigkilled_every_1_5_seconds_lose_nothing_and_keep_key_orde
         for relay in relays:
             relay.stop_quietly()
     records = read_topic(kafka.bootstrap, topic_name, len(committed), timeout=90)
-    figures = check_ledger(records, committed)
+    figures = check_ledger(records, committed, url)
     print(f"\nthree relays, {kills} SIGKILLs, {len(committed)} messages on 300 keys: {figures}")
     assert figures["delivered"] == 30_000
 
@@ -329,3 +329,18 @@ def test_status_lists_the_live_relays_and_their_buckets(url: str, kafka) -> None
     assert sorted(b for r in relays for b in r["buckets"]) == list(range(256))
     for r in relays:
         assert set(r) >= {"id", "host", "pid", "buckets", "last_heartbeat"}
+
+
+def test_keyless_messages_spread_over_all_relays(
+    url: str, engine: Engine, kafka, topic_name: str
+) -> None:
+    settings = settings_for(url, kafka.bootstrap, batch_size=100, **FAST)
+    with RelayThread(settings) as a, RelayThread(settings) as b:
+        wait_until(even_over(url, 2), 15, "two relays sharing the buckets")
+        committed = publish_many(engine, topic_name, 5000, per_tx=5000)
+        wait_until(lambda: pending(url) == 0, 30, "drain")
+        shares = [a.delivered, b.delivered]
+    check_ledger(read_topic(kafka.bootstrap, topic_name, len(committed)), committed)
+    print(f"\nkeyless split over two relays: {shares}")
+    assert sum(shares) >= 5000
+    assert min(shares) > 0, "both relays take keyless work"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from outbox_lib import ConfigurationError
-from relay.config import Route, Settings, load_settings
+from relay.config import Route, Settings, load_settings, order_warnings
 from relay.errors import ConfigError
 
 CONTRACT_TOML = """
@@ -248,3 +248,32 @@ def test_require_database_url_names_the_variable() -> None:
         Settings().require_database_url()
     url = "postgresql://u@h/db"
     assert load_settings({}, {"OUTBOX_DATABASE_URL": url}).require_database_url() == url
+
+
+def test_bucket_lease_defaults_keep_takeover_under_15_seconds() -> None:
+    settings = load_settings({}, {})
+    assert settings.bucket_lease_seconds <= 15
+    assert settings.heartbeat_seconds * 3 <= settings.bucket_lease_seconds
+
+
+def test_heartbeat_must_fit_three_times_in_the_bucket_lease() -> None:
+    with pytest.raises(ConfigError, match=r"heartbeat_seconds .* at most a third"):
+        load_settings({"bucket_lease_seconds": 3.0, "heartbeat_seconds": 2.0}, {})
+
+
+def test_more_than_five_in_flight_with_idempotence_is_refused(toml: Callable[[str], str]) -> None:
+    path = toml('[kafka]\nbootstrap_servers = "k:9092"\n[kafka.producer]\n'
+                '"max.in.flight.requests.per.connection" = 6\n')  # fmt: skip
+    with pytest.raises(ConfigError, match=r"at most 5 with enable\.idempotence"):
+        load_settings({}, {}, path)
+
+
+def test_overrides_that_give_up_key_order_are_warned_about(toml: Callable[[str], str]) -> None:
+    path = toml(
+        '[kafka]\nbootstrap_servers = "k:9092"\n[kafka.producer]\n'
+        '"enable.idempotence" = false\n"partitioner" = "consistent_random"\n'
+    )
+    warnings = order_warnings(load_settings({}, {}, path))
+    assert any("idempotence is off" in w for w in warnings)
+    assert any("consistent_random" in w for w in warnings)
+    assert order_warnings(load_settings({"kafka_bootstrap_servers": "k:9092"}, {})) == []
