@@ -216,6 +216,11 @@ class Membership:
             except psycopg.Error as exc:
                 log.warning("bucket lease heartbeat failed (%s); retrying", _one_line(exc))
                 continue
+            except Exception:
+                # Never let the heartbeat die quietly: the relay would lose its buckets.
+                log.exception("bucket lease heartbeat failed; retrying")
+                await self._drop()
+                continue
             if self.handoff_due:
                 wake.set()
 

@@ -31,6 +31,9 @@ from tests.harness.relay import (
 
 pytestmark = pytest.mark.integration
 
+# A killed relay's key buckets move after its bucket lease (10 s by default).
+FAST_TAKEOVER = {"OUTBOX_BUCKET_LEASE_SECONDS": "3", "OUTBOX_HEARTBEAT_SECONDS": "0.5"}
+
 
 def read_topic(bootstrap: str, topic: str, at_least: int, timeout: float = 60.0) -> list[Record]:
     """Everything on the topic once ``at_least`` distinct messages arrived, duplicates too."""
@@ -93,7 +96,7 @@ def test_relay_sigkilled_mid_backlog_then_restarted_loses_nothing(
     create_topic(kafka.bootstrap, topic_name, partitions=3)
     committed = publish_many(engine, topic_name, 20_000, keys=50, per_tx=500)
     log = tmp_path / "relay.log"
-    env = {"OUTBOX_BATCH_SIZE": "500", "OUTBOX_LEASE_SECONDS": "3"}
+    env = {"OUTBOX_BATCH_SIZE": "500", "OUTBOX_LEASE_SECONDS": "3", **FAST_TAKEOVER}
     kills = 0
     for _ in range(3):
         relay = RelayProcess(url, kafka.bootstrap, log, **env).wait_started()
