@@ -6,6 +6,7 @@ nothing lost, per-key first appearances in publish order; duplicates are counted
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
@@ -177,6 +178,46 @@ def test_relays_joining_and_leaving_rebalance_evenly_without_duplicates(
     assert spread_of_two == [128, 128]
     assert all(count > 0 for count in delivered), "every relay took a share of the work"
     assert figures["duplicates"] == 0, "a graceful handoff must never deliver twice"
+
+
+class DelayedSink:
+    """A real Kafka sink that puts every batch on the wire ``delay`` seconds late."""
+
+    def __init__(self, inner: Sink, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        await asyncio.sleep(self.delay)
+        return await self.inner.send(route, batch)
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def test_a_handoff_waits_for_the_holders_batch_in_flight(
+    url: str, engine: Engine, kafka, topic_name: str
+) -> None:
+    """The holder's batches are slow, so a handoff is always requested mid-send: the
+    successor must not claim those keys until the holder has recorded its batch."""
+    create_topic(kafka.bootstrap, topic_name, partitions=3)
+    settings = settings_for(url, kafka.bootstrap, batch_size=300, **FAST)
+    route = Route(name="kafka", topics=("*",), sink="kafka")
+    slow = DelayedSink(KafkaSink(settings.producer_config()), delay=0.4)
+    runtime = RouteRuntime(route, slow, Backoff(route.first_backoff, route.max_backoff))
+    committed = publish_many(engine, topic_name, 6000, keys=300, per_tx=500)
+    with RelayThread(settings, routes=[runtime]) as holder:
+        wait_until(lambda: holder.delivered >= 300, 15, "the slow holder to be mid-backlog")
+        with RelayThread(settings) as successor:
+            wait_until(even_over(url, 2), 15, "the handoff to complete")
+            wait_until(lambda: pending(url) == 0, 60, "drain")
+            shares = [holder.delivered, successor.delivered]
+    figures = check_ledger(read_topic(kafka.bootstrap, topic_name, len(committed)), committed)
+    print(f"\nhandoff from a slow holder: split {shares}, {figures}")
+    assert successor.delivered > 0
+    assert figures["duplicates"] == 0
 
 
 def test_a_sigkilled_relays_buckets_are_taken_over_after_its_lease(
