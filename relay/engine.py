@@ -5,6 +5,10 @@ sends each to all its routes at once; this is the hot path and touches only ``me
 The *retry pass* claims ``route_pending`` rows that are due again. Per-key order on a route
 holds because a message queues ("parks") behind any earlier pending work of its key on that
 route, and claims never pass an earlier message of the same key that is leased or not due.
+
+With several relays, both passes claim keyed work only of the key buckets this relay holds
+(see :mod:`relay.membership`); keyless work goes to any relay. A bucket another relay is
+waiting for is handed over between two steps, when nothing of this relay is in flight.
 """
 
 from __future__ import annotations
