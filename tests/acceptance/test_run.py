@@ -266,6 +266,21 @@ def test_run_on_an_unmigrated_database_says_to_migrate(
     assert scalar(database_url, "SELECT to_regnamespace('outbox') IS NULL") is True
 
 
+def test_run_on_an_outdated_schema_names_both_versions(
+    database_url: str, kafka: KafkaEndpoint
+) -> None:
+    migrate(database_url)
+    scalar(database_url, "DELETE FROM outbox.schema_migrations WHERE version > 1 RETURNING 1")
+
+    result = run_cli("run", env=_relay_env(database_url, kafka.bootstrap), timeout=60)
+
+    assert result.returncode == 1, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "at version 1, this relay needs 2" in lines[0]
+    assert "outbox-relay migrate" in lines[0]
+
+
 def test_run_without_kafka_or_routes_is_a_usage_error(database_url: str) -> None:
     migrate(database_url)
 
