@@ -63,6 +63,7 @@ class Membership:
         self.draining: frozenset[int] = frozenset()
         self.moves = 0  # rebalances this relay wrote (for logs and tests)
         self._lock = membership_lock_key(schema)
+        self._busy = asyncio.Lock()
 
     @property
     def handoff_due(self) -> bool:
@@ -80,14 +81,17 @@ class Membership:
         return self._conn
 
     async def _in_transaction(self, work: Any) -> Any:
-        conn = await self._connection()
-        try:
-            async with conn.transaction():
-                await conn.execute(self._q["membership_lock"], {"lock": self._lock})
-                return await work(conn)
-        except psycopg.Error:
-            await self._drop()
-            raise
+        # The heartbeat task and the engine (hand_over, leave) share one connection: their
+        # transactions must not interleave on it.
+        async with self._busy:
+            conn = await self._connection()
+            try:
+                async with conn.transaction():
+                    await conn.execute(self._q["membership_lock"], {"lock": self._lock})
+                    return await work(conn)
+            except psycopg.Error:
+                await self._drop()
+                raise
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
