@@ -94,10 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run the whole pipeline on an embedded PostgreSQL and broker",
-        description="Embedded PostgreSQL + Kafka-compatible broker, a sample order app, the "
-        "relay draining it, and a consumer proving what arrived.",
+        description="Embedded PostgreSQL + Kafka-compatible broker, a sample order app, "
+        "relays sharing the key buckets and draining it together, and a consumer proving "
+        "what arrived (in per-key order across relays).",
     )
     demo.add_argument("--orders", type=_positive, default=2000, help="orders to write")
+    demo.add_argument(
+        "--relays",
+        type=_positive,
+        default=2,
+        metavar="N",
+        help="relays to run in-process, sharing the work by key bucket (default: 2)",
+    )
     demo.add_argument("--workdir", default=None, help="where the embedded servers keep data")
     return parser
 
@@ -148,7 +156,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
-    return run_demo(orders=args.orders, workdir=args.workdir)
+    return run_demo(orders=args.orders, relays=args.relays, workdir=args.workdir)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {

@@ -1,10 +1,13 @@
 """``outbox-relay demo``: the whole pipeline on an embedded PostgreSQL and broker.
 
 A sample order-taking app writes each order and its ``orders.created`` message in one
-transaction (every tenth one is rolled back on purpose), the relay drains the outbox in the
-same process while the app is still writing, and a consumer then reads the Kafka topic back
-to prove what arrived: every committed order, no rolled-back one, the contract's headers,
-and per-customer order. Exit code 0 only if every check passes.
+transaction (every tenth one is rolled back on purpose). Several relays run in the same
+process: they first share out the key buckets evenly (the first to join takes them all and
+hands the others their share), then drain the outbox together while the app is still
+writing, each delivering the keys of its own buckets. A consumer then reads the Kafka topic
+back to prove what arrived (:mod:`relay.demo_check`): every committed order, no rolled-back
+one, the contract's headers, and per-customer order across relays. Exit code 0 only if
+every check passes.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ import signal
 import tempfile
 import threading
 import time
-import uuid
-from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,9 +29,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import orjson
 import sqlalchemy
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public path, stub gap
     AdminClient,
     NewTopic,
@@ -38,18 +38,20 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public path
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from sqlalchemy import DateTime, Numeric, String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import outbox_lib
 
 from .app import run_relay
-from .config import load_settings
+from .config import Settings, load_settings
 from .db import connect, to_libpq
+from .demo_check import Outcome, RelayShare, consume, print_summary, verify
 from .embedded import EmbeddedBroker, EmbeddedPostgres
 from .engine import Engine, Stats
 from .errors import RelayError
+from .membership import Membership
+from .ownership import BUCKETS
 
 TOPIC = "orders.created"
 # Several partitions, so the per-key order check means something (one partition would
@@ -59,6 +61,10 @@ CUSTOMERS = 25
 ROLLBACK_EVERY = 10
 DRAIN_TIMEOUT_S = 120.0
 CONSUME_TIMEOUT_S = 30.0
+SPREAD_TIMEOUT_S = 10.0
+# Short leases and heartbeats, so joining relays get their share of the buckets quickly.
+HEARTBEAT_S = 0.5
+BUCKET_LEASE_S = 5.0
 _REFRESH_S = 0.05
 _MIN_SHM_FREE = 512 * 1024 * 1024
 
@@ -82,13 +88,34 @@ class _Abandon(Exception):
     """Raised inside an order's transaction to roll it back, as an app error would."""
 
 
+@dataclass(frozen=True)
+class _Relay:
+    """One running relay as the demo watches it: its totals and its bucket leases.
+
+    Not the engine: holding that would keep its Kafka producer, and so its broker
+    connections, alive after the relay stops, and Tansu's SIGTERM waits for every client
+    to hang up (5 s, then SIGKILL).
+    """
+
+    stats: Stats
+    membership: Membership | None
+
+    @property
+    def buckets(self) -> frozenset[int]:
+        return self.membership.buckets if self.membership is not None else frozenset()
+
+    @property
+    def draining(self) -> bool:
+        return self.membership is not None and self.membership.handoff_due
+
+
 @dataclass
 class Tally:
     """Shared by the writer thread (appends) and the event loop (reads lengths)."""
 
     committed: list[int] = field(default_factory=list)
     rolled_back: list[int] = field(default_factory=list)
-    relay: Stats | None = None
+    relays: list[_Relay] = field(default_factory=list)
 
     @property
     def written(self) -> int:
@@ -96,48 +123,39 @@ class Tally:
 
     @property
     def delivered(self) -> int:
-        return self.relay.delivered if self.relay is not None else 0
+        return sum(relay.stats.delivered for relay in self.relays)
 
     def attach(self, engine: Engine) -> None:
-        # Keep the stats only: holding the engine would keep its Kafka producer, and so its
-        # broker connections, alive after the relay stops, and Tansu's SIGTERM waits for
-        # every client to hang up (5 s, then SIGKILL).
-        self.relay = engine.stats
+        """``on_start`` of every relay: numbered in the order they started."""
+        self.relays.append(_Relay(engine.stats, engine.membership))
 
-
-@dataclass(frozen=True)
-class Arrival:
-    """One consumed record, reduced to what the checks need."""
-
-    order_id: int | None
-    key: bytes | None
-    partition: int
-    offset: int
-    headers: dict[str, bytes]
-
-
-@dataclass(frozen=True)
-class Report:
-    committed: int
-    rolled_back: int
-    delivered: int
-    duplicates: int
-    missing: int
-    unexpected: int
-    bad_headers: int
-    out_of_order: int
-    startup_s: float
-    elapsed_s: float
-
-    @property
-    def ok(self) -> bool:
-        return self.committed > 0 and not (
-            self.missing or self.unexpected or self.bad_headers or self.out_of_order
+    def evenly_spread(self, relays: int) -> bool:
+        """All ``relays`` started and hold every bucket, within one of each other, with
+        no handoff pending."""
+        counts = [len(relay.buckets) for relay in self.relays]
+        return (
+            len(counts) == relays
+            and sum(counts) == BUCKETS
+            and max(counts) - min(counts) <= 1
+            and not any(relay.draining for relay in self.relays)
         )
 
+    def shares(self) -> tuple[RelayShare, ...]:
+        """Each relay's deliveries and the number of buckets it holds now."""
+        return tuple(RelayShare(r.stats.delivered, len(r.buckets)) for r in self.relays)
 
-def run_demo(orders: int, workdir: str | None) -> int:
-    """Run the demo; returns the process exit code (0: every check passed)."""
+
+@dataclass(frozen=True)
+class _Drained:
+    """Every committed order delivered: each relay's share, and how long it all took."""
+
+    shares: tuple[RelayShare, ...]
+    spread_s: float
+    elapsed_s: float
+
+
+def run_demo(orders: int, relays: int, workdir: str | None) -> int:
+    """Run the demo with ``relays`` relays; returns the exit code (0: every check passed)."""
     console = Console()
     with _sigterm_as_interrupt(), _logs_through(console), ExitStack() as stack:
         began = time.monotonic()
@@ -149,17 +167,27 @@ def run_demo(orders: int, workdir: str | None) -> int:
             stack.callback(db.dispose)
         startup = time.monotonic() - began
         tally = Tally()
-        began = time.monotonic()
-        if not asyncio.run(_pipeline(db, pg.url, broker.bootstrap, orders, tally, console)):
+        settings = _relay_settings(pg.url, broker.bootstrap)
+        drained = asyncio.run(_pipeline(db, settings, orders, relays, tally, console))
+        if drained is None:
             console.print(
-                f"[red]timed out after {DRAIN_TIMEOUT_S:.0f} s: the relay delivered "
+                f"[red]timed out after {DRAIN_TIMEOUT_S:.0f} s: the relays delivered "
                 f"{tally.delivered} of {len(tally.committed)} committed orders[/red]"
             )
             return 1
-        elapsed = time.monotonic() - began
-        arrivals = _consume(broker.bootstrap, time.monotonic() + CONSUME_TIMEOUT_S)
-        report = _verify(tally, arrivals, startup, elapsed)
-        _print_summary(console, report)
+        committed = frozenset(tally.committed)
+        arrivals = consume(broker.bootstrap, TOPIC, committed, time.monotonic() + CONSUME_TIMEOUT_S)
+        outcome = Outcome(
+            topic=TOPIC,
+            committed=committed,
+            rolled_back=len(tally.rolled_back),
+            relays=drained.shares,
+            startup_s=startup,
+            spread_s=drained.spread_s,
+            elapsed_s=drained.elapsed_s,
+        )
+        report = verify(outcome, arrivals)
+        print_summary(console, report)
         return 0 if report.ok else 1
 
 
@@ -250,36 +278,98 @@ def _place_order(db: sqlalchemy.Engine, order_id: int, *, abandon: bool) -> None
             raise _Abandon  # after publish: the message must be rolled back with the order
 
 
-# --- app and relay, concurrently ------------------------------------------------------------
+# --- app and relays, concurrently -----------------------------------------------------------
+
+
+def _relay_settings(url: str, bootstrap: str) -> Settings:
+    """What every relay of the demo runs with."""
+    return load_settings(
+        {
+            "database_url": url,
+            "kafka_bootstrap_servers": bootstrap,
+            "poll_interval": 0.2,
+            "heartbeat_seconds": HEARTBEAT_S,
+            "bucket_lease_seconds": BUCKET_LEASE_S,
+        },
+        {},  # not os.environ: stray OUTBOX_* variables must not redirect the demo
+    )
 
 
 async def _pipeline(
-    db: sqlalchemy.Engine, url: str, bootstrap: str, orders: int, tally: Tally, console: Console
-) -> bool:
-    """Write and drain at the same time; True once every committed order was delivered."""
-    settings = load_settings(
-        {"database_url": url, "kafka_bootstrap_servers": bootstrap, "poll_interval": 0.2},
-        {},  # not os.environ: stray OUTBOX_* variables must not redirect the demo
-    )
+    db: sqlalchemy.Engine,
+    settings: Settings,
+    orders: int,
+    relays: int,
+    tally: Tally,
+    console: Console,
+) -> _Drained | None:
+    """Start the relays, let them share the buckets, then write and drain at the same time.
+
+    None if the committed orders were not all delivered in time.
+    """
     stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_relay(settings, stop=stop, on_start=tally.attach))
+        for _ in range(relays)
+    ]
+    try:
+        began = time.monotonic()
+        await _until_spread(tally, tasks, console)
+        spread_s, began = time.monotonic() - began, time.monotonic()
+        if not await _write_and_drain(db, orders, tally, tasks, console):
+            return None
+        # Before stopping: a stopping relay gives its buckets back.
+        return _Drained(tally.shares(), spread_s, time.monotonic() - began)
+    finally:
+        # Also on Ctrl-C (this task is cancelled): let every relay hand back whatever it
+        # holds before the servers go away.
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_spread(tally: Tally, relays: list[asyncio.Task[Any]], console: Console) -> None:
+    """Wait until every relay runs and the buckets are evenly spread over them.
+
+    Bounded by ``SPREAD_TIMEOUT_S``: past it the demo goes on (the relays keep rebalancing
+    while they deliver); only its summary shows a less even spread.
+    """
+    deadline = time.monotonic() + SPREAD_TIMEOUT_S
+    label = f"starting {len(relays)} relay(s), sharing out the {BUCKETS} key buckets"
+    with console.status(label):
+        while not tally.evenly_spread(len(relays)):
+            _check_running(relays)
+            if time.monotonic() >= deadline:
+                console.print(
+                    f"[yellow]the key buckets were not evenly spread after "
+                    f"{SPREAD_TIMEOUT_S:.0f} s; writing orders anyway[/yellow]"
+                )
+                return
+            await asyncio.sleep(_REFRESH_S)
+
+
+async def _write_and_drain(
+    db: sqlalchemy.Engine,
+    orders: int,
+    tally: Tally,
+    relays: list[asyncio.Task[Any]],
+    console: Console,
+) -> bool:
+    """Run the app's writer while the relays drain; True once everything committed was
+    delivered."""
     cancel = threading.Event()
-    relay = asyncio.create_task(run_relay(settings, stop=stop, on_start=tally.attach))
     writer = asyncio.create_task(asyncio.to_thread(write_orders, db, orders, tally, cancel))
     try:
         with _progress(console) as progress:
-            return await _until_drained(tally, orders, relay, writer, progress)
+            return await _until_drained(tally, orders, relays, writer, progress)
     finally:
-        # Also on Ctrl-C (this task is cancelled): stop both and let the relay hand back
-        # whatever it holds before the servers go away.
         cancel.set()
-        stop.set()
-        await asyncio.gather(writer, relay, return_exceptions=True)
+        await asyncio.gather(writer, return_exceptions=True)
 
 
 async def _until_drained(
     tally: Tally,
     orders: int,
-    relay: asyncio.Task[Any],
+    relays: list[asyncio.Task[Any]],
     writer: asyncio.Task[None],
     progress: Progress,
 ) -> bool:
@@ -290,15 +380,21 @@ async def _until_drained(
     while time.monotonic() < deadline:
         progress.update(written, completed=tally.written)
         progress.update(delivered, completed=tally.delivered)
-        if relay.done():
-            relay.result()  # re-raises what stopped it
-            raise RelayError("the relay stopped before the outbox was drained")
+        _check_running(relays)
         if writer.done():
             writer.result()
             if tally.delivered >= len(tally.committed):
                 return True
         await asyncio.sleep(_REFRESH_S)
     return False
+
+
+def _check_running(relays: Sequence[asyncio.Task[Any]]) -> None:
+    """Raise what stopped a relay, if one did (they run until the demo stops them)."""
+    for relay in relays:
+        if relay.done():
+            relay.result()  # re-raises what stopped it
+            raise RelayError("a relay stopped before the outbox was drained")
 
 
 def _progress(console: Console) -> Progress:
@@ -309,153 +405,6 @@ def _progress(console: Console) -> Progress:
         TimeElapsedColumn(),
         console=console,
     )
-
-
-# --- reading back and checking --------------------------------------------------------------
-
-
-def _consume(bootstrap: str, deadline: float) -> list[Arrival]:
-    """Everything in the topic, up to each partition's end as of now.
-
-    Reading to the high watermark (not just to the expected count) is what proves that no
-    rolled-back order slipped in. No group join (assign only): Tansu's joins are slow.
-    """
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"outbox-demo-{uuid.uuid4().hex}",  # never joined nor committed
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 10,
-            "enable.partition.eof": False,
-        }
-    )
-    try:
-        ends = _partition_ends(consumer, deadline)
-        consumer.assign([TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in ends])
-        return _read_until(consumer, ends, deadline)
-    finally:
-        consumer.close()
-
-
-def _partition_ends(consumer: Consumer, deadline: float) -> dict[int, int]:
-    """Partition -> high watermark, for the partitions that hold anything."""
-    meta = consumer.list_topics(TOPIC, timeout=max(1.0, deadline - time.monotonic()))
-    info = meta.topics.get(TOPIC)
-    if info is None or info.error is not None:
-        raise RelayError(f"topic {TOPIC!r} is not readable: {info and info.error}")
-    ends = {}
-    for partition in info.partitions:
-        _, high = consumer.get_watermark_offsets(TopicPartition(TOPIC, partition), timeout=10)
-        if high > 0:
-            ends[partition] = high
-    return ends
-
-
-def _read_until(consumer: Consumer, ends: dict[int, int], deadline: float) -> list[Arrival]:
-    arrivals: list[Arrival] = []
-    pending = set(ends)
-    while pending and time.monotonic() < deadline:
-        for message in consumer.consume(1000, 0.1):
-            error = message.error()
-            if error is not None:
-                if error.fatal():
-                    raise KafkaException(error)
-                continue  # transient; the deadline bounds how long we put up with them
-            arrival = _arrival(message)
-            arrivals.append(arrival)
-            if arrival.offset + 1 >= ends[arrival.partition]:
-                pending.discard(arrival.partition)
-    return arrivals
-
-
-def _arrival(message: Any) -> Arrival:
-    try:
-        order_id = int(orjson.loads(message.value())["order_id"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        order_id = None
-    return Arrival(
-        order_id=order_id,
-        key=message.key(),
-        partition=message.partition(),
-        offset=message.offset(),
-        headers={k: v or b"" for k, v in message.headers() or []},
-    )
-
-
-def _verify(tally: Tally, arrivals: list[Arrival], startup: float, elapsed: float) -> Report:
-    committed = set(tally.committed)
-    seen = Counter(a.order_id for a in arrivals)
-    return Report(
-        committed=len(committed),
-        rolled_back=len(tally.rolled_back),
-        delivered=len(committed & set(seen)),
-        duplicates=sum(n - 1 for n in seen.values() if n > 1),
-        missing=len(committed - set(seen)),
-        unexpected=sum(n for order_id, n in seen.items() if order_id not in committed),
-        bad_headers=sum(1 for a in arrivals if not _headers_ok(a)),
-        out_of_order=_order_violations(arrivals),
-        startup_s=startup,
-        elapsed_s=elapsed,
-    )
-
-
-def _headers_ok(arrival: Arrival) -> bool:
-    headers = arrival.headers
-    return (
-        headers.get("idempotency-key") == f"order-{arrival.order_id}-created".encode()
-        and bool(headers.get("outbox-message-id"))
-        and headers.get("outbox-topic") == TOPIC.encode()
-        and headers.get("source") == b"demo"
-    )
-
-
-def _order_violations(arrivals: list[Arrival]) -> int:
-    """Per key and partition, in offset order, each order id must be above the last.
-
-    A redelivered duplicate repeats an id already seen; only first sightings count, since
-    at-least-once delivery allows duplicates but not reordering.
-    """
-    streams: dict[tuple[bytes | None, int], list[Arrival]] = defaultdict(list)
-    for arrival in arrivals:
-        streams[arrival.key, arrival.partition].append(arrival)
-    violations = 0
-    for stream in streams.values():
-        last, seen = 0, set()
-        for arrival in sorted(stream, key=lambda a: a.offset):
-            if arrival.order_id is None or arrival.order_id in seen:
-                continue
-            seen.add(arrival.order_id)
-            if arrival.order_id < last:
-                violations += 1
-            last = max(last, arrival.order_id)
-    return violations
-
-
-def _print_summary(console: Console, report: Report) -> None:
-    table = Table(title="outbox-relay demo", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    rate = report.delivered / report.elapsed_s if report.elapsed_s > 0 else 0.0
-    rows = [
-        ("orders written (committed)", f"{report.committed}"),
-        ("rolled back on purpose", f"{report.rolled_back}"),
-        ("delivered", f"{report.delivered}"),
-        ("duplicates", f"{report.duplicates}"),
-        ("missing", f"{report.missing}"),
-        ("rolled back but delivered", f"{report.unexpected}"),
-        ("bad headers", f"{report.bad_headers}"),
-        ("per-key order violations", f"{report.out_of_order}"),
-        ("start-up (postgres + broker)", f"{report.startup_s:.2f} s"),
-        ("elapsed (write + deliver)", f"{report.elapsed_s:.2f} s"),
-        ("throughput", f"{rate:,.0f} msg/s"),
-    ]
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
-    if report.ok:
-        console.print("[green]all checks passed[/green]")
-    else:
-        console.print("[red]checks failed[/red]")
 
 
 # --- process plumbing -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.acceptance.cli import run_cli, start_cli
+from tests.acceptance.cli import error_lines, run_cli, start_cli
 
 pytestmark = pytest.mark.acceptance
 
@@ -56,8 +56,22 @@ def _assert_cleaned_up(workdir: Path) -> None:
     assert list(workdir.iterdir()) == [], "the demo left files behind"
 
 
-def test_demo_delivers_every_committed_order_and_exits_0(workdir: Path) -> None:
-    result = run_cli("demo", "--orders", str(ORDERS), "--workdir", str(workdir), timeout=120)
+def _relay_rows(output: str) -> list[tuple[int, int]]:
+    """(delivered, buckets) of each ``relay N`` summary row, in order."""
+    rows = re.findall(r"^\W*relay (\d+)\W+(\d+) delivered, (\d+) buckets", output, re.MULTILINE)
+    assert [int(n) for n, _, _ in rows] == list(range(1, len(rows) + 1)), output
+    return [(int(delivered), int(buckets)) for _, delivered, buckets in rows]
+
+
+@pytest.mark.parametrize(
+    ("flags", "relays"), [((), 2), (("--relays", "1"), 1)], ids=["default-2-relays", "1-relay"]
+)
+def test_demo_delivers_every_committed_order_and_exits_0(
+    workdir: Path, flags: tuple[str, ...], relays: int
+) -> None:
+    result = run_cli(
+        "demo", "--orders", str(ORDERS), *flags, "--workdir", str(workdir), timeout=120
+    )
 
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -66,9 +80,35 @@ def test_demo_delivers_every_committed_order_and_exits_0(workdir: Path) -> None:
     assert _row(result.stdout, "delivered") == str(COMMITTED)
     assert _row(result.stdout, "missing") == "0"
     assert _row(result.stdout, "rolled back but delivered") == "0"
+    assert _row(result.stdout, "per-key order violations") == "0"
+    assert _row(result.stdout, "relays") == str(relays)
+    shares = _relay_rows(result.stdout)
+    assert len(shares) == relays, result.stdout
+    assert all(delivered > 0 for delivered, _ in shares), result.stdout
+    assert sum(delivered for delivered, _ in shares) >= COMMITTED, result.stdout
+    buckets = [held for _, held in shares]
+    assert sum(buckets) == 256 and max(buckets) - min(buckets) <= 1, result.stdout
     assert "all checks passed" in result.stdout
     assert "Traceback" not in output
     _assert_cleaned_up(workdir)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_demo_rejects_a_bad_relay_count_with_one_line(value: str) -> None:
+    result = run_cli("demo", "--relays", value)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "--relays" in lines[0] and "positive integer" in lines[0], lines[0]
+
+
+def test_demo_help_shows_the_relay_count() -> None:
+    result = run_cli("demo", "--help")
+
+    assert result.returncode == 0, result.stderr
+    assert "--relays N" in result.stdout and "default: 2" in result.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
