@@ -128,8 +128,9 @@ def lease_table(rows: list[LeaseCost]) -> Table:
                          no_wrap=name != "notes")  # fmt: skip
     for row in rows:
         size, plans = row.batch_size, row.details.get("explain", {})
+        explained = _explained(plans.get("with bucket filter"))
         table.add_row(f"claim of {size:,}, with the bucket filter", f"{row.claim_ms:.2f}",
-                      _explained(plans.get("with bucket filter")) + row.note)  # fmt: skip
+                      "; ".join(filter(None, (row.note, explained))))  # fmt: skip
         table.add_row(f"claim of {size:,}, filter removed", f"{row.claim_ms_unfiltered:.2f}",
                       _explained(plans.get("without bucket filter")))  # fmt: skip
         table.add_row("  filter cost per claim", f"{row.filter_ms:+.2f}", "")
@@ -143,7 +144,7 @@ def _explained(plan: dict[str, Any] | None) -> str:
     if not plan:
         return ""
     return (f"EXPLAIN ANALYZE: {plan['execution_ms']:.2f} ms in the server, "
-            f"{plan['shared_buffers_hit'] or 0:,} buffers hit; ")  # fmt: skip
+            f"{plan['shared_buffers_hit'] or 0:,} buffers hit")  # fmt: skip
 
 
 def show(console: Console, throughput: list[Throughput], latency: list[Latency],
@@ -186,7 +187,7 @@ def plot(path: Path, throughput: list[Throughput], latency: list[Latency], headl
 
     shared = [r for r in throughput if PROCESSES in r.details and r.rate]
     ratios = [3, 2, 2] if shared else [3, 2]
-    fig, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 6),
+    fig, axes = plt.subplots(1, len(ratios), figsize=(3 * sum(ratios), 6),
                              gridspec_kw={"width_ratios": ratios})  # fmt: skip
     _bars(axes[0], throughput)
     _cdf(axes[1], latency)
@@ -200,7 +201,7 @@ def plot(path: Path, throughput: list[Throughput], latency: list[Latency], headl
 
 def _bars(ax: Any, rows: list[Throughput]) -> None:
     shown = [r for r in rows if r.rate]
-    names = [r.scenario.replace(" (", "\n(") for r in shown]
+    names = [r.scenario.replace(" (", "\n(").replace(", ", ",\n") for r in shown]
     colors = [_color(r) for r in shown]
     bars = ax.bar(names, [r.rate for r in shown], color=colors)
     for bar, row in zip(bars, shown, strict=True):
@@ -236,9 +237,9 @@ def _scaling(ax: Any, shared: list[Throughput], rows: list[Throughput],
                     ha="center", va="bottom", fontsize=9)  # fmt: skip
     inline = _in_process_rate(rows, shared[0].details["batch_size"])
     if inline:
-        ax.axhline(inline, color="#2a9d8f", linestyle="--", linewidth=1)
-        ax.annotate(f"1 relay in-process: {inline:,.0f}", (len(shared) - 0.5, inline),
-                    color="#2a9d8f", ha="right", va="bottom", fontsize=8)  # fmt: skip
+        ax.axhline(inline, color="#2a9d8f", linestyle="--", linewidth=1,
+                   label=f"1 relay in-process: {inline:,.0f}")  # fmt: skip
+        ax.legend(loc="upper right", fontsize=8)
     ax.set_ylim(0, 1.3 * max([r.rate or 0.0 for r in shared] + [inline or 0.0]))
     ax.set_xlabel("relay processes")
     ax.set_ylabel("messages / s")
