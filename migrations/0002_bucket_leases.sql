@@ -1,13 +1,15 @@
 -- outbox-relay schema, version 2: many relays on one database.
 --
 -- Every message carries a bucket (0-255) computed from its key at publish time. Each bucket
--- is leased to at most one relay; only the holder claims keyed messages of that bucket, so
+-- is held by at most one relay; only the holder claims keyed messages of that bucket, so
 -- two relays never deliver the same key at once. Keyless messages carry no order promise
 -- and any relay may claim them.
 --
---   relay         live relay processes and their heartbeats (a row expires with its lease)
---   bucket_lease  one row per bucket: holder, lease expiry, and the successor a draining
---                 handoff is waiting for
+--   relay         live relays: each row is its relay's lease, renewed by its heartbeat; all
+--                 the buckets a relay holds are valid exactly while its row has not expired
+--                 (one row written per heartbeat, however many buckets)
+--   bucket_lease  one row per bucket: its holder, and the successor a draining handoff is
+--                 waiting for
 
 CREATE TABLE relay (
     relay_id     text        PRIMARY KEY,
@@ -20,9 +22,9 @@ CREATE TABLE relay (
 
 CREATE TABLE bucket_lease (
     bucket     smallint    PRIMARY KEY,
-    -- The relay that alone may claim keyed messages of this bucket, until expires_at.
+    -- The relay that alone may claim keyed messages of this bucket, while its relay row
+    -- has not expired.
     holder     text,
-    expires_at timestamptz,
     -- Set when the bucket should move to another relay. The holder stops claiming it, ends
     -- its in-flight batch and only then writes successor into holder (a draining handoff).
     successor  text,

@@ -111,7 +111,6 @@ class Membership:
             "lease": self.lease,
         }
         await conn.execute(self._q["heartbeat"], params)
-        await conn.execute(self._q["renew_buckets"], params)
         await self._rebalance(conn)
         await self._read_own(conn)
 
@@ -134,11 +133,7 @@ class Membership:
         if moves.assign:
             await conn.execute(
                 self._q["assign_buckets"],
-                {
-                    "buckets": list(moves.assign),
-                    "holders": list(moves.assign.values()),
-                    "lease": self.lease,
-                },
+                {"buckets": list(moves.assign), "holders": list(moves.assign.values())},
             )
         if moves.successors:
             await conn.execute(
@@ -186,9 +181,7 @@ class Membership:
         await self._in_transaction(self._hand_over)
 
     async def _hand_over(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        cur = await conn.execute(
-            self._q["hand_over"], {"relay": self.relay_id, "lease": self.lease}
-        )
+        cur = await conn.execute(self._q["hand_over"], {"relay": self.relay_id})
         moved = await cur.fetchall()
         if moved:
             await conn.execute(self._q["wake_relays"], {"channel": f"{self.schema}_wakeup"})

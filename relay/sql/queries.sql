@@ -15,8 +15,8 @@ SELECT m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
  WHERE NOT m.fanned
    AND (m.claimed_until IS NULL OR m.claimed_until < now())
    AND (m.msg_key IS NULL OR m.bucket = ANY(ARRAY(
-        SELECT b.bucket FROM {schema}.bucket_lease b
-         WHERE b.holder = %(relay)s AND b.successor IS NULL AND b.expires_at > now())))
+        SELECT b.bucket FROM {schema}.bucket_lease b JOIN {schema}.relay r ON r.relay_id = b.holder
+         WHERE b.holder = %(relay)s AND b.successor IS NULL AND r.expires_at > now())))
    AND (m.msg_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM {schema}.message e
          WHERE e.topic = m.topic AND e.msg_key = m.msg_key AND e.seq < m.seq
@@ -55,8 +55,8 @@ WITH candidate AS (
        AND (p.claimed_until IS NULL OR p.claimed_until < now())
        AND p.route = ANY(%(routes)s::text[])
        AND (p.msg_key IS NULL OR p.bucket = ANY(ARRAY(
-            SELECT b.bucket FROM {schema}.bucket_lease b
-             WHERE b.holder = %(relay)s AND b.successor IS NULL AND b.expires_at > now())))
+            SELECT b.bucket FROM {schema}.bucket_lease b JOIN {schema}.relay r ON r.relay_id = b.holder
+             WHERE b.holder = %(relay)s AND b.successor IS NULL AND r.expires_at > now())))
        AND (p.msg_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM {schema}.route_pending e
              WHERE e.route = p.route AND e.topic = p.topic AND e.msg_key = p.msg_key
@@ -201,13 +201,15 @@ SELECT r.relay_id, r.host, r.pid, r.started_at, r.heartbeat_at,
                 FILTER (WHERE b.bucket IS NOT NULL AND b.successor IS NOT NULL),
                 '{{}}'::smallint[])
   FROM {schema}.relay r
-  LEFT JOIN {schema}.bucket_lease b ON b.holder = r.relay_id AND b.expires_at > now()
+  LEFT JOIN {schema}.bucket_lease b ON b.holder = r.relay_id
  WHERE r.expires_at > now()
  GROUP BY r.relay_id
  ORDER BY r.relay_id
 
 -- name: status_unowned
-SELECT count(*) FROM {schema}.bucket_lease WHERE holder IS NULL OR expires_at <= now()
+SELECT count(*) FROM {schema}.bucket_lease b
+ WHERE NOT EXISTS (SELECT 1 FROM {schema}.relay r
+                    WHERE r.relay_id = b.holder AND r.expires_at > now())
 
 -- Bucket ownership. Membership changes run one at a time under a transaction-scoped
 -- advisory lock; each is a handful of statements over at most 256 rows.
@@ -216,15 +218,12 @@ SELECT count(*) FROM {schema}.bucket_lease WHERE holder IS NULL OR expires_at <=
 SELECT pg_advisory_xact_lock(%(lock)s)
 
 -- name: heartbeat
+-- Renews this relay's lease, and with it every bucket it holds. A relay whose row expired
+-- but was not yet removed keeps its buckets: nobody else can have delivered their keys.
 INSERT INTO {schema}.relay (relay_id, host, pid, expires_at)
 VALUES (%(relay)s, %(host)s, %(pid)s, now() + %(lease)s)
 ON CONFLICT (relay_id) DO UPDATE
    SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
-
--- name: renew_buckets
--- A holder keeps its buckets even past expiry as long as nobody else took them: no other
--- relay can have delivered their keys in between.
-UPDATE {schema}.bucket_lease SET expires_at = now() + %(lease)s WHERE holder = %(relay)s
 
 -- name: forget_expired_relays
 DELETE FROM {schema}.relay WHERE expires_at <= now() RETURNING relay_id
@@ -233,15 +232,17 @@ DELETE FROM {schema}.relay WHERE expires_at <= now() RETURNING relay_id
 SELECT relay_id FROM {schema}.relay ORDER BY relay_id
 
 -- name: bucket_leases
-SELECT bucket, holder, successor, holder IS NOT NULL AND expires_at <= now()
-  FROM {schema}.bucket_lease
- ORDER BY bucket
+SELECT b.bucket, b.holder, b.successor,
+       b.holder IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {schema}.relay r
+                                             WHERE r.relay_id = b.holder AND r.expires_at > now())
+  FROM {schema}.bucket_lease b
+ ORDER BY b.bucket
 
 -- name: assign_buckets
--- Free buckets (never held, released, or their holder's lease expired) get a holder at once.
+-- Free buckets (never held, released, or their holder's lease expired) get a holder at once;
+-- a holder assigned by another relay's rebalance learns it at its next heartbeat.
 UPDATE {schema}.bucket_lease b
-   SET holder = a.holder, successor = NULL, expires_at = now() + %(lease)s,
-       epoch = b.epoch + 1, changed_at = now()
+   SET holder = a.holder, successor = NULL, epoch = b.epoch + 1, changed_at = now()
   FROM unnest(%(buckets)s::smallint[], %(holders)s::text[]) AS a(bucket, holder)
  WHERE b.bucket = a.bucket
 
@@ -258,8 +259,7 @@ UPDATE {schema}.bucket_lease b
 UPDATE {schema}.bucket_lease b
    SET holder = (SELECT r.relay_id FROM {schema}.relay r
                   WHERE r.relay_id = b.successor AND r.expires_at > now()),
-       successor = NULL, expires_at = now() + %(lease)s,
-       epoch = b.epoch + 1, changed_at = now()
+       successor = NULL, epoch = b.epoch + 1, changed_at = now()
  WHERE b.holder = %(relay)s AND b.successor IS NOT NULL
 RETURNING b.bucket, b.holder
 
@@ -275,8 +275,7 @@ SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 
 -- name: release_buckets
 UPDATE {schema}.bucket_lease
-   SET holder = NULL, successor = NULL, expires_at = NULL, epoch = epoch + 1,
-       changed_at = now()
+   SET holder = NULL, successor = NULL, epoch = epoch + 1, changed_at = now()
  WHERE holder = %(relay)s
 
 -- name: leave

@@ -93,7 +93,8 @@ SELECT seq FROM {schema}.message ORDER BY seq LIMIT 1
 
 -- name: bucket_spread
 -- Buckets per relay, as the claim queries see them (a live lease, no handoff pending).
-SELECT holder, count(*) FROM {schema}.bucket_lease
- WHERE holder IS NOT NULL AND successor IS NULL AND expires_at > now()
- GROUP BY holder
- ORDER BY holder
+SELECT b.holder, count(*) FROM {schema}.bucket_lease b
+  JOIN {schema}.relay r ON r.relay_id = b.holder
+ WHERE b.successor IS NULL AND r.expires_at > now()
+ GROUP BY b.holder
+ ORDER BY b.holder

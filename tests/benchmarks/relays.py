@@ -63,7 +63,7 @@ from relay.store import _session_options
 
 from . import workload as w
 from .results import LeaseCost, Throughput
-from .throughput import drain_note, drained, sql_checks, topic_checks
+from .throughput import drain_note, drained, loaded_backlog
 
 GATE_ID = "bench-gate"
 CLAIMER_ID = "bench-claimer"
@@ -242,18 +242,11 @@ def relays_drain(target: w.Target, count: int, batch_size: int, timeout: float) 
     name = f"{processes(count)}, batch {batch_size}"
     schema = f"bench_relays_{count}"
     expected = target.workload.messages
-    topic = w.new_topic(target.bootstrap, f"relays{count}", target.workload.partitions)
-    load_s = w.load_outbox(target.database_url, schema, topic)
-    w.checkpoint(target.database_url)
-    wal_before = w.wal_lsn(target.database_url)
     env = relay_env(target, schema, batch_size)
     conninfo = to_libpq(target.database_url)
-    try:
+    with loaded_backlog(target, schema, f"relays{count}") as backlog:
         run = asyncio.run(gated_drain(conninfo, schema, env, count, timeout))
-        checks = sql_checks(target.database_url, schema, wal_before)
-    finally:
-        w.drop_schema(target.database_url, schema)
-    checks |= topic_checks(target.bootstrap, topic) | {"backlog_load_s": load_s}
+    checks = backlog.checks
     delivered = checks["delivery_rows"]
     ok = run.drained and drained(checks, expected) and run.exit_codes == [0] * count
     details = {**checks, "relay_processes": count, "batch_size": batch_size,
@@ -381,6 +374,6 @@ def lease_cost(target: w.Target, batch_size: int) -> LeaseCost:
               f"of {target.workload.messages:,} messages, 1 relay holding all {BUCKETS} buckets"),
         details={"claims_ms": claims, "explain": plans, "heartbeats_ms": heartbeats,
                  "wal_bytes_per_heartbeat": wal,
-                 "heartbeat_note": f"median of {HEARTBEATS}; renews all {BUCKETS} buckets, "
+                 "heartbeat_note": f"median of {HEARTBEATS}; holding all {BUCKETS} buckets, "
                                    f"no moves; {wal:,.0f} B WAL each"},
     )  # fmt: skip

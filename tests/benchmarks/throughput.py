@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -174,26 +176,46 @@ async def _wait_delivered(
     return time.perf_counter()
 
 
+@dataclass
+class Backlog:
+    """A loaded outbox in its own schema, and what the drain's checks need to know."""
+
+    schema: str
+    topic: str
+    load_s: float
+    wal_before: str
+    checks: dict[str, Any]
+
+
+@contextmanager
+def loaded_backlog(target: w.Target, schema: str, label: str) -> Iterator[Backlog]:
+    """Load the backlog into ``schema`` (checkpointed, so the WAL count is the drain's own);
+    on a clean exit fill ``checks`` from SQL and the topic; drop the schema in any case."""
+    topic = w.new_topic(target.bootstrap, label, target.workload.partitions)
+    load_s = w.load_outbox(target.database_url, schema, topic)
+    w.checkpoint(target.database_url)
+    backlog = Backlog(schema, topic, load_s, w.wal_lsn(target.database_url), {})
+    try:
+        yield backlog
+        backlog.checks = sql_checks(target.database_url, schema, backlog.wal_before)
+    finally:
+        w.drop_schema(target.database_url, schema)
+    backlog.checks |= topic_checks(target.bootstrap, topic) | {"backlog_load_s": load_s}
+
+
 def relay_drain(target: w.Target, batch_size: int, timeout: float) -> Throughput:
     """outbox-relay in-process (``run_relay``) draining the whole backlog."""
     name = f"outbox-relay, batch {batch_size}"
     schema = f"bench_relay_{batch_size}"
     expected = target.workload.messages
-    topic = w.new_topic(target.bootstrap, f"relay{batch_size}", target.workload.partitions)
-    load_s = w.load_outbox(target.database_url, schema, topic)
-    w.checkpoint(target.database_url)
-    wal_before = w.wal_lsn(target.database_url)
     settings = load_settings(
         {"database_url": target.database_url, "schema": schema, "batch_size": batch_size,
          "kafka_bootstrap_servers": target.bootstrap, "poll_interval": 1.0},
         env={},
     )  # fmt: skip
-    try:
+    with loaded_backlog(target, schema, f"relay{batch_size}") as backlog:
         seconds, delivered, phases = asyncio.run(_drain(settings, expected, timeout))
-        checks = sql_checks(target.database_url, schema, wal_before)
-    finally:
-        w.drop_schema(target.database_url, schema)
-    checks |= topic_checks(target.bootstrap, topic) | {"backlog_load_s": load_s}
+    checks = backlog.checks
     ok = drained(checks, expected) and delivered >= expected
     return Throughput(
         name, delivered, seconds, status="ok" if ok else "partial" if delivered else "failed",

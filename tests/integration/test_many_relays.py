@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,9 +54,9 @@ def holders(url: str) -> dict[str, int]:
     rows = scalar(
         url,
         "SELECT coalesce(json_object_agg(holder, n), '{}') FROM ("
-        " SELECT holder, count(*) AS n FROM outbox.bucket_lease"
-        " WHERE holder IS NOT NULL AND expires_at > now() AND successor IS NULL"
-        " GROUP BY holder) s",
+        " SELECT holder, count(*) AS n FROM outbox.bucket_lease b"
+        " JOIN outbox.relay r ON r.relay_id = b.holder"
+        " WHERE r.expires_at > now() AND b.successor IS NULL GROUP BY holder) s",
     )
     return {str(k): int(v) for k, v in rows.items()}
 
@@ -180,21 +183,29 @@ def test_relays_joining_and_leaving_rebalance_evenly_without_duplicates(
     assert figures["duplicates"] == 0, "a graceful handoff must never deliver twice"
 
 
-class DelayedSink:
-    """A real Kafka sink that puts every batch on the wire ``delay`` seconds late."""
+class WrappedSink:
+    """A real sink with a twist in ``send``; aborting and closing go to the real one."""
 
-    def __init__(self, inner: Sink, delay: float) -> None:
-        self.inner, self.delay = inner, delay
-
-    async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
-        await asyncio.sleep(self.delay)
-        return await self.inner.send(route, batch)
+    def __init__(self, inner: Sink) -> None:
+        self.inner = inner
 
     def abort(self) -> None:
         self.inner.abort()
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class DelayedSink(WrappedSink):
+    """A real Kafka sink that puts every batch on the wire ``delay`` seconds late."""
+
+    def __init__(self, inner: Sink, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+
+    async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        await asyncio.sleep(self.delay)
+        return await self.inner.send(route, batch)
 
 
 def test_a_handoff_waits_for_the_holders_batch_in_flight(
@@ -242,12 +253,12 @@ def bucket_of(key: str) -> int:
     return hashlib.sha256(key.encode()).digest()[0]
 
 
-class PoisonSink:
+class PoisonSink(WrappedSink):
     """A real Kafka sink, except that one key's messages fail (retryably) until healed."""
 
     def __init__(self, inner: Sink, poison: bytes) -> None:
-        self.inner, self.poison, self.healed = inner, poison, False
-        self.refused = 0
+        super().__init__(inner)
+        self.poison, self.healed, self.refused = poison, False, 0
 
     async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
         results: dict[int, Result] = {}
@@ -261,12 +272,6 @@ class PoisonSink:
         for message, result in zip(clean, await self.inner.send(route, clean), strict=True):
             results[message.seq] = result
         return [results[m.seq] for m in batch]
-
-    def abort(self) -> None:
-        self.inner.abort()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def test_a_poison_key_holds_back_only_itself_not_its_bucket(
@@ -352,24 +357,29 @@ def _relay_id(relay: RelayThread) -> str:
 
 
 def test_status_lists_the_live_relays_and_their_buckets(url: str, kafka) -> None:
-    import subprocess
-    import sys
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "relay.cli", "status", *args, "--database-url", url]
+        env = {**os.environ, "COLUMNS": "200"}
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=60, check=False, env=env
+        )
 
     settings = settings_for(url, kafka.bootstrap, **FAST)
     with RelayThread(settings) as a, RelayThread(settings) as b:
         wait_until(even_over(url, 2), 15, "two relays sharing the buckets")
-        result = subprocess.run(
-            [sys.executable, "-m", "relay.cli", "status", "--json", "--database-url", url],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        as_json, as_table = status("--json"), status()
         ids = {_relay_id(a), _relay_id(b)}
-    assert result.returncode == 0, result.stderr
-    relays = json.loads(result.stdout)["relays"]
+    assert as_json.returncode == 0, as_json.stderr
+    relays = json.loads(as_json.stdout)["relays"]
     assert {r["id"] for r in relays} == ids
     assert sorted(len(r["buckets"]) for r in relays) == [128, 128]
     assert sorted(b for r in relays for b in r["buckets"]) == list(range(256))
     for r in relays:
         assert set(r) >= {"id", "host", "pid", "buckets", "last_heartbeat"}
+    assert as_table.returncode == 0, as_table.stderr
+    for relay_id in ids:
+        [line] = [line for line in as_table.stdout.splitlines() if relay_id in line]
+        assert " 128 " in line
 
 
 def test_keyless_messages_spread_over_all_relays(
