@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status",
         parents=[common],
-        help="pending, dead-lettered and lag per topic",
-        description="Per topic: pending messages, dead letters and the oldest pending age.",
+        help="pending, dead-lettered and lag per topic; live relays and their buckets",
+        description="Per topic: pending messages, dead letters and the oldest pending age. "
+        "Then the live relays, each with the key buckets it holds and its last heartbeat.",
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     demo = commands.add_parser(
