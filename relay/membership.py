@@ -16,15 +16,17 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 
-from outbox_lib._sqlfiles import load_queries, with_schema
-
 from .ownership import Lease, Moves, rebalance
+from .store import relay_queries
 
 log = logging.getLogger(__name__)
+
+Connection = psycopg.AsyncConnection[Any]
 
 
 def membership_lock_key(schema: str) -> int:
@@ -50,18 +52,14 @@ class Membership:
         heartbeat_seconds: float = 2.0,
     ) -> None:
         self._conninfo = conninfo
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._q = {
-            name: with_schema(text, schema)
-            for name, text in load_queries("relay", "sql/queries.sql").items()
-        }
+        self._conn: Connection | None = None
+        self._q = relay_queries(schema)
         self.schema = schema
         self.relay_id = relay_id
         self.lease = dt.timedelta(seconds=lease_seconds)
         self.heartbeat_seconds = heartbeat_seconds
         self.buckets: frozenset[int] = frozenset()
         self.draining: frozenset[int] = frozenset()
-        self.moves = 0  # rebalances this relay wrote (for logs and tests)
         self._lock = membership_lock_key(schema)
         self._busy = asyncio.Lock()
 
@@ -70,7 +68,7 @@ class Membership:
         """Some of this relay's buckets should move: hand them over between batches."""
         return bool(self.draining)
 
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+    async def _connection(self) -> Connection:
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(
                 self._conninfo,
@@ -80,7 +78,7 @@ class Membership:
             )
         return self._conn
 
-    async def _in_transaction(self, work: Any) -> Any:
+    async def _in_transaction(self, work: Callable[[Connection], Awaitable[None]]) -> None:
         # The heartbeat task and the engine (hand_over, leave) share one connection: their
         # transactions must not interleave on it.
         async with self._busy:
@@ -88,7 +86,7 @@ class Membership:
             try:
                 async with conn.transaction():
                     await conn.execute(self._q["membership_lock"], {"lock": self._lock})
-                    return await work(conn)
+                    await work(conn)
             except psycopg.Error:
                 await self._drop()
                 raise
@@ -103,7 +101,7 @@ class Membership:
         """Renew this relay and its buckets, rebalance if needed, learn what to hand over."""
         await self._in_transaction(self._heartbeat)
 
-    async def _heartbeat(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _heartbeat(self, conn: Connection) -> None:
         params = {
             "relay": self.relay_id,
             "host": socket.gethostname(),
@@ -114,7 +112,7 @@ class Membership:
         await self._rebalance(conn)
         await self._read_own(conn)
 
-    async def _rebalance(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _rebalance(self, conn: Connection) -> None:
         gone = await (await conn.execute(self._q["forget_expired_relays"])).fetchall()
         live = [r[0] for r in await (await conn.execute(self._q["live_relays"])).fetchall()]
         rows = await (await conn.execute(self._q["bucket_leases"])).fetchall()
@@ -129,7 +127,7 @@ class Membership:
             await self._fence_expired(conn, leases, moves)
             await self._write(conn, moves)
 
-    async def _write(self, conn: psycopg.AsyncConnection[Any], moves: Moves) -> None:
+    async def _write(self, conn: Connection, moves: Moves) -> None:
         if moves.assign:
             await conn.execute(
                 self._q["assign_buckets"],
@@ -141,16 +139,13 @@ class Membership:
                 {"buckets": list(moves.successors), "successors": list(moves.successors.values())},
             )
         await conn.execute(self._q["wake_relays"], {"channel": f"{self.schema}_wakeup"})
-        self.moves += 1
         log.info(
             "rebalanced buckets: %d assigned, %d handoffs requested",
             len(moves.assign),
             sum(1 for s in moves.successors.values() if s is not None),
         )
 
-    async def _fence_expired(
-        self, conn: psycopg.AsyncConnection[Any], leases: list[Lease], moves: Moves
-    ) -> None:
+    async def _fence_expired(self, conn: Connection, leases: list[Lease], moves: Moves) -> None:
         """End the sessions of relays whose expired buckets are reassigned.
 
         A relay whose lease expired while it still runs (frozen, or cut off from the
@@ -169,7 +164,7 @@ class Membership:
         if names:
             await conn.execute(self._q["fence_sessions"], {"names": names})
 
-    async def _read_own(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _read_own(self, conn: Connection) -> None:
         rows = await (
             await conn.execute(self._q["own_buckets"], {"relay": self.relay_id})
         ).fetchall()
@@ -180,7 +175,7 @@ class Membership:
         """Give the buckets marked for handoff to their successors. Call between batches."""
         await self._in_transaction(self._hand_over)
 
-    async def _hand_over(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _hand_over(self, conn: Connection) -> None:
         cur = await conn.execute(self._q["hand_over"], {"relay": self.relay_id})
         moved = await cur.fetchall()
         if moved:
@@ -195,7 +190,7 @@ class Membership:
         finally:
             await self._drop()
 
-    async def _leave(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _leave(self, conn: Connection) -> None:
         await conn.execute(self._q["release_buckets"], {"relay": self.relay_id})
         await conn.execute(self._q["leave"], {"relay": self.relay_id})
         await self._rebalance(conn)

@@ -44,7 +44,8 @@ def _session_options(hold_seconds: float) -> str:
     return f"-c jit=off -c synchronous_commit=off -c idle_in_transaction_session_timeout={idle_ms}"
 
 
-def _queries(schema: str) -> dict[str, sql.Composed]:
+def relay_queries(schema: str) -> dict[str, sql.Composed]:
+    """Every statement of ``sql/queries.sql``, with ``schema`` substituted."""
     return {
         name: with_schema(text, schema)
         for name, text in load_queries("relay", "sql/queries.sql").items()
@@ -77,7 +78,7 @@ class Store:
 
     def __init__(self, pool: AsyncConnectionPool[Any], schema: str, relay_id: str) -> None:
         self._pool = pool
-        self._q = _queries(schema)
+        self._q = relay_queries(schema)
         self.schema = schema
         self.relay_id = relay_id
 
