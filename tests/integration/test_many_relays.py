@@ -73,6 +73,17 @@ def even_over(url: str, relays: int) -> Callable[[], bool]:
     return check
 
 
+def longest_delivery_gap(url: str) -> float:
+    """Longest time between two consecutive deliveries (publishing never paused)."""
+    return float(
+        scalar(
+            url,
+            "SELECT coalesce(max(extract(epoch FROM gap)), 0) FROM (SELECT delivered_at"
+            " - lag(delivered_at) OVER (ORDER BY delivered_at) AS gap FROM outbox.delivery) d",
+        )
+    )
+
+
 def pending(url: str) -> int:
     return int(scalar(url, "SELECT count(*) FROM outbox.message"))
 
@@ -171,16 +182,21 @@ def test_relays_joining_and_leaving_rebalance_evenly_without_duplicates(
     spread_of_two = sorted(holders(url).values())
     committed = publisher.finish()
     wait_until(lambda: pending(url) == 0, 60, "drain")
+    gap = longest_delivery_gap(url)
     delivered = [r.delivered for r in (first, second, third)]
     first.stop()
     third.stop()
     records = read_topic(kafka.bootstrap, topic_name, len(committed))
     figures = check_ledger(records, committed)
-    print(f"\nrebalance: spreads {spread_of_three} then {spread_of_two}; per relay {delivered}")
+    print(
+        f"\nrebalance: spreads {spread_of_three} then {spread_of_two}; per relay {delivered}; "
+        f"longest pause in deliveries {gap:.2f} s"
+    )
     assert spread_of_three == [85, 85, 86]
     assert spread_of_two == [128, 128]
     assert all(count > 0 for count in delivered), "every relay took a share of the work"
     assert figures["duplicates"] == 0, "a graceful handoff must never deliver twice"
+    assert gap < 3.0, "joining and leaving must not pause the other relays"
 
 
 class WrappedSink:
