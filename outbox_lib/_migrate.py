@@ -57,10 +57,15 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-def lock_key(schema: str) -> int:
-    """A stable signed 64-bit advisory-lock key for this schema's migrations."""
-    digest = hashlib.blake2b(f"outbox-relay:migrate:{schema}".encode(), digest_size=8).digest()
+def advisory_key(purpose: str, schema: str) -> int:
+    """A stable signed 64-bit advisory-lock key for one ``purpose`` in this schema."""
+    digest = hashlib.blake2b(f"outbox-relay:{purpose}:{schema}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def lock_key(schema: str) -> int:
+    """The advisory-lock key of this schema's migrations."""
+    return advisory_key("migrate", schema)
 
 
 def _queries() -> dict[str, str]:

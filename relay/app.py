@@ -17,7 +17,7 @@ from outbox_lib import DatabaseUnavailableError, SchemaNotMigratedError
 
 from .backoff import Backoff
 from .config import Route, Settings, order_warnings
-from .db import redact, to_libpq
+from .db import describe_connect_error, redact, to_libpq
 from .engine import Engine, RouteRuntime, Stats
 from .errors import ConfigError
 from .membership import Membership
@@ -92,9 +92,7 @@ async def join(settings: Settings, relay_id: str) -> Membership:
         await membership.heartbeat()
     except psycopg.Error as exc:
         await membership.close()
-        raise DatabaseUnavailableError(
-            f"cannot register the relay in {redact(url)}: {str(exc).strip().splitlines()[0]}"
-        ) from exc
+        raise describe_connect_error(url, exc) from exc
     return membership
 
 

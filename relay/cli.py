@@ -21,6 +21,7 @@ from outbox_lib import ConfigurationError, InvalidMessageError, OutboxError
 from . import __version__
 from .config import OPTION_BY_NAME, Settings, argparse_type, load_settings
 from .db import connect, redact
+from .errors import one_line
 from .logs import configure_logging
 
 EXIT_FAILURE = 1
@@ -195,8 +196,7 @@ def _settings_and_logging(args: argparse.Namespace) -> Settings:
 
 
 def _fail(code: int, exc: BaseException) -> int:
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    print(f"outbox-relay: error: {message}", file=sys.stderr)
+    print(f"outbox-relay: error: {one_line(exc)}", file=sys.stderr)
     return code
 
 

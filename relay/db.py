@@ -14,7 +14,7 @@ import psycopg
 
 from outbox_lib import DatabaseUnavailableError
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 _SCHEME = re.compile(r"^(postgres|postgresql)(\+[a-z0-9_]+)?://", re.IGNORECASE)
 
@@ -49,7 +49,7 @@ def redact(url: str) -> str:
 
 def describe_connect_error(url: str, exc: psycopg.Error) -> DatabaseUnavailableError:
     """A one-line, password-free error for a failed connection."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = one_line(exc)
     for secret in _passwords(url):
         first = first.replace(secret, "***")
     return DatabaseUnavailableError(f"cannot connect to the database {redact(url)}: {first}")

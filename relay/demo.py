@@ -98,15 +98,15 @@ class _Relay:
     """
 
     stats: Stats
-    membership: Membership | None
+    membership: Membership
 
     @property
     def buckets(self) -> frozenset[int]:
-        return self.membership.buckets if self.membership is not None else frozenset()
+        return self.membership.buckets
 
     @property
     def draining(self) -> bool:
-        return self.membership is not None and self.membership.handoff_due
+        return self.membership.handoff_due
 
 
 @dataclass

@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 
 from .backoff import Backoff
 from .config import Route, Settings
+from .errors import one_line
 from .membership import Membership
 from .plan import (
     NO_ROUTE,
@@ -86,7 +87,7 @@ class Engine:
     settings: Settings
     store: Store
     routes: list[RouteRuntime]
-    membership: Membership | None = None
+    membership: Membership
     stats: Stats = field(default_factory=Stats)
     _prefetch: asyncio.Future[HeldBatch] | None = None
     _matches: dict[str, list[RouteRuntime]] = field(default_factory=dict)
@@ -105,9 +106,10 @@ class Engine:
         """Drain until ``stop`` is set, then hand back anything still held."""
         self._stop = stop
         wake = asyncio.Event()
-        tasks = [asyncio.create_task(listen(conninfo, self.store.schema, wake, stop))]
-        if self.membership is not None:
-            tasks.append(asyncio.create_task(self.membership.run(stop, wake)))
+        tasks = [
+            asyncio.create_task(listen(conninfo, self.store.schema, wake, stop)),
+            asyncio.create_task(self.membership.run(stop, wake)),
+        ]
         failures = 0
         try:
             while not stop.is_set():
@@ -118,7 +120,7 @@ class Engine:
                     failures = 0
                 except DB_ERRORS as exc:
                     failures += 1
-                    log.warning("database unavailable (%s); retrying", _one_line(exc))
+                    log.warning("database unavailable (%s); retrying", one_line(exc))
                     await _wait_any(stop, None, _OUTAGE_BACKOFF.delay(failures))
                     continue
                 if handled < self.settings.batch_size:
@@ -136,7 +138,7 @@ class Engine:
         prefetched claim (it may hold messages of those buckets) is given back first. So
         the successor can never send a key while this relay still has it on the wire.
         """
-        if self.membership is None or not self.membership.handoff_due:
+        if not self.membership.handoff_due:
             return
         await self._settle_prefetch(keep=False)
         await self.membership.hand_over()
@@ -294,7 +296,7 @@ class Engine:
             log.exception(
                 "route %s: sink raised; treating the batch as unavailable", runtime.route.name
             )
-            results = [Failed("unavailable", "sink error", _one_line(exc))] * len(batch)
+            results = [Failed("unavailable", "sink error", one_line(exc))] * len(batch)
         runtime.observe(results)
         return list(zip(batch, results, strict=True))
 
@@ -337,16 +339,15 @@ class Engine:
         except DB_ERRORS as exc:
             log.warning(
                 "could not release claims on shutdown (%s); their leases will expire",
-                _one_line(exc),
+                one_line(exc),
             )
-        if self.membership is not None:
-            try:
-                await self.membership.leave()
-            except DB_ERRORS as exc:
-                log.warning(
-                    "could not give back bucket leases on shutdown (%s); they will expire",
-                    _one_line(exc),
-                )
+        try:
+            await self.membership.leave()
+        except DB_ERRORS as exc:
+            log.warning(
+                "could not give back bucket leases on shutdown (%s); they will expire",
+                one_line(exc),
+            )
         for runtime in self.routes:
             await runtime.sink.close()
 
@@ -378,11 +379,6 @@ def _log_dead_letters(plan: RecordPlan, messages: dict[int, Outbound]) -> None:
                     route,
                     error or reason,
                 )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:

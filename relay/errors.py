@@ -16,6 +16,12 @@ from __future__ import annotations
 from outbox_lib import ConfigurationError, OutboxError
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of an error's text (or its type's name): for logs and CLI errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class RelayError(OutboxError):
     """Base class of the relay's own errors."""
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import logging
 import os
 import socket
@@ -21,18 +20,15 @@ from typing import Any
 
 import psycopg
 
+from outbox_lib._migrate import advisory_key
+
+from .errors import one_line
 from .ownership import Lease, Moves, rebalance
 from .store import relay_queries
 
 log = logging.getLogger(__name__)
 
 Connection = psycopg.AsyncConnection[Any]
-
-
-def membership_lock_key(schema: str) -> int:
-    """A stable signed 64-bit advisory-lock key for this schema's bucket leases."""
-    digest = hashlib.blake2b(f"outbox-relay:buckets:{schema}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 def application_name(relay_id: str) -> str:
@@ -60,8 +56,14 @@ class Membership:
         self.heartbeat_seconds = heartbeat_seconds
         self.buckets: frozenset[int] = frozenset()
         self.draining: frozenset[int] = frozenset()
-        self._lock = membership_lock_key(schema)
+        self._lock = advisory_key("buckets", schema)
         self._busy = asyncio.Lock()
+        self._row = {  # what each heartbeat writes into this relay's row
+            "relay": relay_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "lease": self.lease,
+        }
 
     @property
     def handoff_due(self) -> bool:
@@ -102,13 +104,7 @@ class Membership:
         await self._in_transaction(self._heartbeat)
 
     async def _heartbeat(self, conn: Connection) -> None:
-        params = {
-            "relay": self.relay_id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "lease": self.lease,
-        }
-        await conn.execute(self._q["heartbeat"], params)
+        await conn.execute(self._q["heartbeat"], self._row)
         await self._rebalance(conn)
         await self._read_own(conn)
 
@@ -206,7 +202,7 @@ class Membership:
             try:
                 await self.heartbeat()
             except psycopg.Error as exc:
-                log.warning("bucket lease heartbeat failed (%s); retrying", _one_line(exc))
+                log.warning("bucket lease heartbeat failed (%s); retrying", one_line(exc))
                 continue
             except Exception:
                 # Never let the heartbeat die quietly: the relay would lose its buckets.
@@ -218,8 +214,3 @@ class Membership:
 
     async def close(self) -> None:
         await self._drop()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

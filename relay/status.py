@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from outbox_lib import SchemaNotMigratedError
-from outbox_lib._sqlfiles import load_queries, with_schema
+
+from .store import relay_queries
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +44,10 @@ class Report:
 
 
 def read_status(conn: psycopg.Connection[Any], schema: str) -> Report:
-    queries = load_queries("relay", "sql/queries.sql")
+    queries = relay_queries(schema)
 
     def run(name: str) -> list[tuple[Any, ...]]:
-        return conn.execute(with_schema(queries[name], schema)).fetchall()
+        return conn.execute(queries[name]).fetchall()
 
     try:
         pending, dead = run("status_pending"), run("status_dead")

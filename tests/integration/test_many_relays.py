@@ -368,7 +368,7 @@ def _lease_table(url: str) -> list[tuple[int, str, int]]:
 
 
 def _relay_id(relay: RelayThread) -> str:
-    assert relay.engine is not None and relay.engine.membership is not None
+    assert relay.engine is not None
     return relay.engine.membership.relay_id
 
 
