@@ -105,6 +105,23 @@ def topic_name_for(test_name: str) -> str:
     return f"t.{middle}.{suffix}"
 
 
+def java_partition(key: bytes, partitions: int) -> int:
+    """The partition the Java client's default partitioner picks for ``key``: Kafka's
+    murmur2 (seed 0x9747b28c), made positive, modulo the partition count."""
+    m, mask = 0x5BD1E995, 0xFFFFFFFF
+    h = (0x9747B28C ^ len(key)) & mask
+    whole = len(key) - len(key) % 4
+    for i in range(0, whole, 4):
+        k = (int.from_bytes(key[i : i + 4], "little") * m) & mask
+        k = ((k ^ (k >> 24)) * m) & mask
+        h = ((h * m) & mask) ^ k
+    if key[whole:]:
+        h = ((h ^ int.from_bytes(key[whole:], "little")) * m) & mask
+    h = ((h ^ (h >> 13)) * m) & mask
+    h ^= h >> 15
+    return (h & 0x7FFFFFFF) % partitions
+
+
 def create_topic(bootstrap: str, name: str, partitions: int = 1, timeout: float = 15.0) -> None:
     """Create explicitly when the partition count matters (auto-create gives 1)."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
