@@ -16,18 +16,20 @@ from psycopg_pool import PoolTimeout
 from outbox_lib import DatabaseUnavailableError, SchemaNotMigratedError
 
 from .backoff import Backoff
-from .config import Route, Settings, order_warnings
+from .config import Route, Settings, order_warnings, signing_keys
 from .db import describe_connect_error, redact, to_libpq
-from .engine import Engine, RouteRuntime, Stats
+from .engine import Engine, Stats
 from .errors import ConfigError
 from .membership import Membership
+from .runtime import RouteRuntime
 from .sinks.base import Sink
 from .sinks.kafka import KafkaSink
+from .sinks.webhook import WebhookSink
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def new_relay_id() -> str:
@@ -45,10 +47,13 @@ def build_routes(settings: Settings) -> list[RouteRuntime]:
     kafka: KafkaSink | None = None
     runtimes = []
     for route in routes:
-        if route.sink != "kafka":
-            raise ConfigError(f"route {route.name!r}: the {route.sink} sink is not available yet")
-        kafka = kafka or KafkaSink(settings.producer_config())
-        runtimes.append(_runtime(route, kafka))
+        sink: Sink
+        if route.sink == "webhook":
+            sink = WebhookSink(route, signing_keys(route))
+        else:
+            kafka = kafka or KafkaSink(settings.producer_config())
+            sink = kafka
+        runtimes.append(_runtime(route, sink))
     return runtimes
 
 
@@ -56,9 +61,9 @@ def _runtime(route: Route, sink: Sink) -> RouteRuntime:
     return RouteRuntime(route, sink, Backoff(route.first_backoff, route.max_backoff))
 
 
-async def open_store(settings: Settings, relay_id: str) -> Store:
+async def open_store(settings: Settings, relay_id: str, lanes: int = 0) -> Store:
     url = settings.require_database_url()
-    store = Store.create(to_libpq(url), settings.schema, relay_id, settings.hold_seconds)
+    store = Store.create(to_libpq(url), settings.schema, relay_id, settings.hold_seconds, lanes)
     try:
         await store.open(timeout=30.0)
     except PoolTimeout as exc:
@@ -111,7 +116,8 @@ async def run_relay(
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is not given)."""
     routes = build_routes(settings)
     relay_id = new_relay_id()
-    store = await open_store(settings, relay_id)
+    lanes = sum(1 for r in routes if r.is_lane)
+    store = await open_store(settings, relay_id, lanes)
     try:
         membership = await join(settings, relay_id)
     except BaseException:

@@ -12,8 +12,11 @@ import asyncio
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from typing import NoReturn
+
+import psycopg
 
 import outbox_lib
 from outbox_lib import ConfigurationError, InvalidMessageError, OutboxError
@@ -93,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Then the live relays, each with the key buckets it holds and its last heartbeat.",
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_dead_letters(commands, common)
+    _add_routes(commands, common)
     demo = commands.add_parser(
         "demo",
         help="run the whole pipeline on an embedded PostgreSQL and broker",
@@ -110,6 +115,93 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--workdir", default=None, help="where the embedded servers keep data")
     return parser
+
+
+def _add_dead_letters(commands: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    group = commands.add_parser(
+        "dead-letters",
+        help="list or retry dead letters",
+        description="Dead letters: messages a route gave up on (or whose topic matched no "
+        "route), kept with a full copy of the message.",
+    )
+    actions = group.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    listing = actions.add_parser(
+        "list",
+        parents=[common],
+        help="list dead letters, newest first",
+        description="List dead letters, newest first.",
+    )
+    listing.add_argument("--topic", metavar="T", help="only dead letters of this outbox topic")
+    listing.add_argument("--route", metavar="R", help="only dead letters of this route")
+    listing.add_argument(
+        "--limit", type=_positive, default=100, metavar="N", help="show at most N (default: 100)"
+    )
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    retry = actions.add_parser(
+        "retry",
+        parents=[common],
+        help="deliver dead letters again",
+        description="Put dead letters back in the outbox, in one transaction, with the same "
+        "message id and idempotency key. A letter of a route is delivered again to that route "
+        "only; a 'no-route' letter is routed afresh with the relays' current routes.",
+    )
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=_uuid, metavar="ID", help="the dead letters of one message")
+    which.add_argument("--topic", metavar="T", help="every dead letter of this outbox topic")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    retry.add_argument("--route", metavar="R", help="only dead letters of this route")
+
+
+def _add_routes(commands: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    group = commands.add_parser(
+        "routes",
+        help="list, enable or disable routes",
+        description="Routes and their state. A route is disabled by its endpoint (HTTP 410 "
+        "Gone) or by an operator; relays deliver nothing to it until it is enabled again.",
+    )
+    actions = group.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    listing = actions.add_parser(
+        "list",
+        parents=[common],
+        help="every route: state, pending and dead-lettered rows",
+        description="Every route of the configuration or with rows in the database: its "
+        "state, pending deliveries and dead letters.",
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    enable = actions.add_parser(
+        "enable",
+        parents=[common],
+        help="enable a disabled route",
+        description="Enable a route, e.g. one disabled after its endpoint answered 410. Dead "
+        "letters stay dead: retry them with `dead-letters retry --route NAME --all`.",
+    )
+    enable.add_argument("name", type=_route_name, metavar="NAME", help="the route's name")
+    disable = actions.add_parser(
+        "disable",
+        parents=[common],
+        help="stop delivering to a route",
+        description="Disable a route: relays stop delivering to it until it is enabled.",
+    )
+    disable.add_argument("name", type=_route_name, metavar="NAME", help="the route's name")
+    disable.add_argument("--reason", metavar="TEXT", help="why, recorded with the state")
+
+
+def _uuid(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a message id (a UUID), got {raw!r}") from None
+
+
+def _route_name(raw: str) -> str:
+    from .routestate import check_route_name
+
+    try:
+        return check_route_name(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(raw: str) -> int:
@@ -155,6 +247,55 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dead_letters_list(args: argparse.Namespace, settings: Settings) -> int:
+    from .deadletters import list_dead_letters, print_page
+
+    with connect(settings.require_database_url(), autocommit=True) as conn:
+        page = list_dead_letters(
+            conn, settings.schema, topic=args.topic, route=args.route, limit=args.limit
+        )
+    print_page(page, as_json=args.json)
+    return 0
+
+
+def cmd_dead_letters_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from .deadletters import Selection, print_retried, retry_dead_letters
+
+    selection = Selection(id=args.id, topic=args.topic, route=args.route)
+    with connect(settings.require_database_url(), autocommit=True) as conn:
+        retried = retry_dead_letters(conn, settings.schema, selection)
+    print_retried(retried, {route.name for route in settings.effective_routes()})
+    return 0
+
+
+def cmd_routes_list(args: argparse.Namespace, settings: Settings) -> int:
+    from .routestate import print_routes, read_routes, with_configured
+
+    configured = settings.effective_routes()
+    with connect(settings.require_database_url(), autocommit=True) as conn:
+        routes = with_configured(read_routes(conn, settings.schema), configured)
+    print_routes(routes, configured, as_json=args.json)
+    return 0
+
+
+def cmd_routes_enable(args: argparse.Namespace, settings: Settings) -> int:
+    from .routestate import enable_route
+
+    with connect(settings.require_database_url(), autocommit=True) as conn:
+        changed = enable_route(conn, settings.schema, args.name)
+    print(f"route {args.name} enabled" if changed else f"route {args.name} was not disabled")
+    return 0
+
+
+def cmd_routes_disable(args: argparse.Namespace, settings: Settings) -> int:
+    from .routestate import disable_route
+
+    with connect(settings.require_database_url(), autocommit=True) as conn:
+        reason = disable_route(conn, settings.schema, args.name, args.reason)
+    print(f"route {args.name} disabled ({reason})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from .demo import run_demo
 
@@ -165,6 +306,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "migrate": cmd_migrate,
     "run": cmd_run,
     "status": cmd_status,
+    "dead-letters list": cmd_dead_letters_list,
+    "dead-letters retry": cmd_dead_letters_retry,
+    "routes list": cmd_routes_list,
+    "routes enable": cmd_routes_enable,
+    "routes disable": cmd_routes_disable,
     "demo": cmd_demo,
 }
 
@@ -173,13 +319,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _settings_and_logging(args)
-        return COMMANDS[args.command](args, settings)
+        return COMMANDS[_command_name(args)](args, settings)
     except (ConfigurationError, InvalidMessageError) as exc:
         return _fail(EXIT_USAGE, exc)
-    except OutboxError as exc:
+    except (OutboxError, psycopg.Error) as exc:
         return _fail(EXIT_FAILURE, exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``"status"``, or ``"dead-letters list"`` for commands with an action."""
+    action = getattr(args, "action", None)
+    return f"{args.command} {action}" if action else str(args.command)
 
 
 def _settings_and_logging(args: argparse.Namespace) -> Settings:

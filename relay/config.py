@@ -7,6 +7,7 @@ variables, the TOML keys and the configuration reference are all derived from th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import re
 import tomllib
@@ -14,11 +15,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from outbox_lib._encoding import check_schema_name
 
 from .durations import parse_duration
 from .errors import ConfigError
+from .sinks.signature import SecretError, parse_secrets
+from .sinks.ssrf import blocked_reason, literal_ip
 
 SinkKind = Literal["kafka", "webhook"]
 ProducerValue = str | int | float | bool
@@ -141,6 +145,9 @@ class Route:
     backoff_initial_s: float | None = None
     backoff_max_s: float | None = None
     allow_private_network: bool = False
+    concurrency: int = 16
+    rate_limit_per_s: float | None = None
+    secret_env: str | None = None
 
     @property
     def first_backoff(self) -> float:
@@ -222,7 +229,7 @@ def load_settings(
     if "bootstrap_servers" in kafka and "kafka_bootstrap_servers" not in values:
         values["kafka_bootstrap_servers"] = _file_str(kafka, "bootstrap_servers", "kafka")
     values["kafka_producer"] = _producer_props(kafka.get("producer", {}))
-    values["routes"] = _routes(document.get("routes", []))
+    values["routes"] = _routes(document.get("routes", []), env)
     settings = Settings(**values)
     _check_routes(settings)
     _check_leases(settings)
@@ -318,21 +325,36 @@ def _producer_props(table: Any) -> dict[str, ProducerValue]:
 
 
 _ROUTE_KEYS = {
-    "name", "topics", "sink", "kafka_topic", "url", "secret", "timeout_s", "max_attempts",
-    "backoff_initial_s", "backoff_max_s", "allow_private_network",
+    "name", "topics", "sink", "kafka_topic", "url", "secret", "secret_env", "timeout_s",
+    "max_attempts", "backoff_initial_s", "backoff_max_s", "allow_private_network",
+    "concurrency", "rate_limit_per_s",
 }  # fmt: skip
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-def _routes(tables: Any) -> tuple[Route, ...]:
+def _routes(tables: Any, env: Mapping[str, str]) -> tuple[Route, ...]:
     if not isinstance(tables, list):
         raise ConfigError("config: routes must be an array of tables ([[routes]])")
-    routes = tuple(_route(index, table) for index, table in enumerate(tables))
+    routes = tuple(_with_secret(_route(index, table), env) for index, table in enumerate(tables))
     names = [route.name for route in routes]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise ConfigError(f"config: two routes are named {duplicate!r}")
     return routes
+
+
+def _with_secret(route: Route, env: Mapping[str, str]) -> Route:
+    """Resolve ``secret_env``: the secret itself stays out of the config file."""
+    if route.secret_env is None:
+        return route
+    if route.secret is not None:
+        raise ConfigError(f"config route {route.name!r}: set secret or secret_env, not both")
+    value = env.get(route.secret_env)
+    if not value:
+        raise ConfigError(
+            f"config route {route.name!r}: secret_env names {route.secret_env}, which is not set"
+        )
+    return dataclasses.replace(route, secret=value)
 
 
 def _route(index: int, table: Any) -> Route:
@@ -370,6 +392,9 @@ _ROUTE_TYPES: Mapping[str, tuple[type, ...]] = {
     "backoff_initial_s": (int, float),
     "backoff_max_s": (int, float),
     "allow_private_network": (bool,),
+    "concurrency": (int,),
+    "rate_limit_per_s": (int, float),
+    "secret_env": (str,),
 }
 
 
@@ -444,5 +469,33 @@ def _check_routes(settings: Settings) -> None:
                 f"route {route.name!r} sends to Kafka but no bootstrap servers are set "
                 "([kafka] bootstrap_servers or OUTBOX_KAFKA_BOOTSTRAP_SERVERS)"
             )
-        if route.sink == "webhook" and not route.url:
-            raise ConfigError(f"route {route.name!r}: a webhook route needs a url")
+        if route.sink == "webhook":
+            _check_webhook(route)
+
+
+def signing_keys(route: Route) -> tuple[bytes, ...]:
+    """The route's signing keys; checked when a relay starts (other commands ignore them)."""
+    try:
+        return parse_secrets(route.secret or "")
+    except SecretError as exc:
+        raise ConfigError(f"route {route.name!r}: {exc}") from None
+
+
+def _check_webhook(route: Route) -> None:
+    where = f"route {route.name!r}"
+    if not route.url:
+        raise ConfigError(f"{where}: a webhook route needs a url")
+    parts = urlsplit(route.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: url must be an http:// or https:// URL with a host name")
+    if not route.secret:
+        raise ConfigError(
+            f"{where}: a webhook route needs a secret (whsec_..., or secret_env naming an "
+            "environment variable that holds it): every request is signed"
+        )
+    ip = literal_ip(parts.hostname)
+    reason = blocked_reason(ip) if ip is not None and not route.allow_private_network else None
+    if reason:
+        raise ConfigError(
+            f"{where}: url points at {ip} ({reason}); set allow_private_network = true to allow it"
+        )

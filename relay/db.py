@@ -8,11 +8,13 @@ this module: :func:`redact` is what logs and errors show.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import psycopg
 
-from outbox_lib import DatabaseUnavailableError
+from outbox_lib import DatabaseUnavailableError, SchemaNotMigratedError
 
 from .errors import ConfigError, one_line
 
@@ -69,3 +71,20 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[o
         return psycopg.connect(libpq, autocommit=autocommit, connect_timeout=10)
     except psycopg.Error as exc:
         raise describe_connect_error(url, exc) from exc
+
+
+@contextmanager
+def schema_required(schema: str) -> Iterator[None]:
+    """Turn "no such table/column/function" from an operator command's queries into
+    :class:`SchemaNotMigratedError`: the schema is missing or older than this code."""
+    try:
+        yield
+    except (
+        psycopg.errors.UndefinedTable,
+        psycopg.errors.UndefinedColumn,
+        psycopg.errors.UndefinedFunction,
+    ) as exc:
+        raise SchemaNotMigratedError(
+            f"schema {schema!r} is missing outbox tables or is out of date "
+            f"({one_line(exc)}); run `outbox-relay migrate` first"
+        ) from exc

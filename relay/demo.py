@@ -1,13 +1,16 @@
 """``outbox-relay demo``: the whole pipeline on an embedded PostgreSQL and broker.
 
 A sample order-taking app writes each order and its ``orders.created`` message in one
-transaction (every tenth one is rolled back on purpose). Several relays run in the same
-process: they first share out the key buckets evenly (the first to join takes them all and
-hands the others their share), then drain the outbox together while the app is still
-writing, each delivering the keys of its own buckets. A consumer then reads the Kafka topic
-back to prove what arrived (:mod:`relay.demo_check`): every committed order, no rolled-back
-one, the contract's headers, and per-customer order across relays. Exit code 0 only if
-every check passes.
+transaction (every tenth one is rolled back on purpose). The topic fans out to two routes:
+the Kafka topic of the same name, and the ``billing-hook`` webhook, a local receiver that
+verifies every signature and now and then answers 503 to show retries
+(:mod:`relay.demo_webhook`). Several relays run in the same process: they first share out
+the key buckets evenly (the first to join takes them all and hands the others their share),
+then drain the outbox together while the app is still writing, each delivering the keys of
+its own buckets. Once the outbox is empty, a consumer reads the Kafka topic back to prove
+what arrived (:mod:`relay.demo_check`): every committed order, no rolled-back one, the
+contract's headers, and per-customer order across relays; the receiver's log is checked the
+same way. Exit code 0 only if every check passes on both routes.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psycopg
 import sqlalchemy
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public path, stub gap
     AdminClient,
     NewTopic,
 )
+from psycopg import sql
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -47,13 +52,24 @@ from .app import run_relay
 from .config import Settings, load_settings
 from .db import connect, to_libpq
 from .demo_check import Outcome, RelayShare, consume, print_summary, verify
+from .demo_webhook import Receiver, check_webhooks, new_secret, route_toml
 from .embedded import EmbeddedBroker, EmbeddedPostgres
 from .engine import Engine, Stats
 from .errors import RelayError
 from .membership import Membership
 from .ownership import BUCKETS
+from .store import relay_queries
 
 TOPIC = "orders.created"
+HOOK_ROUTE = "billing-hook"
+ROUTES = 2  # the topic goes to Kafka and to the webhook
+_SECRET_ENV = "DEMO_BILLING_HOOK_SECRET"  # noqa: S105 -- a variable name, not a secret
+_KAFKA_ROUTE_TOML = f"""\
+[[routes]]
+name = "orders-to-kafka"
+topics = ["{TOPIC}"]
+sink = "kafka"
+"""
 # Several partitions, so the per-key order check means something (one partition would
 # order everything trivially).
 PARTITIONS = 4
@@ -123,7 +139,14 @@ class Tally:
 
     @property
     def delivered(self) -> int:
+        """Deliveries on either route."""
         return sum(relay.stats.delivered for relay in self.relays)
+
+    @property
+    def settled(self) -> int:
+        """Deliveries and dead letters on either route: at ``ROUTES`` per committed order,
+        the outbox should be empty."""
+        return self.delivered + sum(relay.stats.dead for relay in self.relays)
 
     def attach(self, engine: Engine) -> None:
         """``on_start`` of every relay: numbered in the order they started."""
@@ -154,25 +177,55 @@ class _Drained:
     elapsed_s: float
 
 
+@dataclass(frozen=True)
+class _Watch:
+    """What the demo watches while the relays drain, and where it shows it; ``conn`` and
+    ``pending`` (``status``'s query) are the demo's own look at the outbox."""
+
+    tally: Tally
+    hook: Receiver
+    console: Console
+    conn: psycopg.Connection[Any]
+    pending: sql.Composed
+
+    async def drained(self) -> bool:
+        """Every committed order settled on both routes: the outbox is empty.
+
+        A message leaves the outbox only once every route has it (or dead-lettered it), and
+        the receiver records a request before answering it, so by then it holds every
+        webhook the relays delivered. The relays' totals gate the query.
+        """
+        if self.tally.settled < ROUTES * len(self.tally.committed):
+            return False
+        rows = await asyncio.to_thread(lambda: self.conn.execute(self.pending).fetchall())
+        return not rows
+
+
 def run_demo(orders: int, relays: int, workdir: str | None) -> int:
     """Run the demo with ``relays`` relays; returns the exit code (0: every check passed)."""
     console = Console()
     with _sigterm_as_interrupt(), _logs_through(console), ExitStack() as stack:
         began = time.monotonic()
-        with console.status("starting embedded PostgreSQL and Kafka-compatible broker"):
+        label = "starting embedded PostgreSQL, Kafka-compatible broker and webhook receiver"
+        with console.status(label):
             scratch = stack.enter_context(_scratch_dir(workdir))
+            # The receiver's process first: it comes up while the servers do.
+            secret = new_secret()
+            hook = stack.enter_context(Receiver(secret, scratch / "webhook.counts"))
             pg = stack.enter_context(EmbeddedPostgres(scratch))
             broker = stack.enter_context(EmbeddedBroker(log_dir=scratch))
             db = _prepare(pg.url, broker.bootstrap)
             stack.callback(db.dispose)
+            settings = _relay_settings(pg.url, broker.bootstrap, scratch, hook.url, secret)
         startup = time.monotonic() - began
         tally = Tally()
-        settings = _relay_settings(pg.url, broker.bootstrap)
-        drained = asyncio.run(_pipeline(db, settings, orders, relays, tally, console))
+        conn = stack.enter_context(connect(pg.url, autocommit=True))
+        watch = _Watch(tally, hook, console, conn, relay_queries(settings.schema)["status_pending"])
+        drained = asyncio.run(_pipeline(db, settings, orders, relays, watch))
         if drained is None:
             console.print(
-                f"[red]timed out after {DRAIN_TIMEOUT_S:.0f} s: the relays delivered "
-                f"{tally.delivered} of {len(tally.committed)} committed orders[/red]"
+                f"[red]timed out after {DRAIN_TIMEOUT_S:.0f} s: the relays made "
+                f"{tally.delivered} of {ROUTES * len(tally.committed)} deliveries[/red]"
             )
             return 1
         committed = frozenset(tally.committed)
@@ -187,8 +240,9 @@ def run_demo(orders: int, relays: int, workdir: str | None) -> int:
             elapsed_s=drained.elapsed_s,
         )
         report = verify(outcome, arrivals)
-        print_summary(console, report)
-        return 0 if report.ok else 1
+        hooks = check_webhooks(HOOK_ROUTE, hook.url, hook.requests(), committed)
+        print_summary(console, report, hooks)
+        return 0 if report.ok and hooks.ok else 1
 
 
 # --- set-up -------------------------------------------------------------------------------
@@ -281,8 +335,11 @@ def _place_order(db: sqlalchemy.Engine, order_id: int, *, abandon: bool) -> None
 # --- app and relays, concurrently -----------------------------------------------------------
 
 
-def _relay_settings(url: str, bootstrap: str) -> Settings:
-    """What every relay of the demo runs with."""
+def _relay_settings(url: str, bootstrap: str, scratch: Path, hook: str, secret: str) -> Settings:
+    """What every relay of the demo runs with; its two routes come from a config file, the
+    webhook's secret from the (demo's own) environment."""
+    config = scratch / "relay.toml"
+    config.write_text(_KAFKA_ROUTE_TOML + route_toml(HOOK_ROUTE, TOPIC, hook, _SECRET_ENV))
     return load_settings(
         {
             "database_url": url,
@@ -291,22 +348,20 @@ def _relay_settings(url: str, bootstrap: str) -> Settings:
             "heartbeat_seconds": HEARTBEAT_S,
             "bucket_lease_seconds": BUCKET_LEASE_S,
         },
-        {},  # not os.environ: stray OUTBOX_* variables must not redirect the demo
+        # Not os.environ: stray OUTBOX_* variables must not redirect the demo.
+        {_SECRET_ENV: secret},
+        str(config),
     )
 
 
 async def _pipeline(
-    db: sqlalchemy.Engine,
-    settings: Settings,
-    orders: int,
-    relays: int,
-    tally: Tally,
-    console: Console,
+    db: sqlalchemy.Engine, settings: Settings, orders: int, relays: int, watch: _Watch
 ) -> _Drained | None:
     """Start the relays, let them share the buckets, then write and drain at the same time.
 
-    None if the committed orders were not all delivered in time.
+    None if the outbox was not drained in time.
     """
+    tally = watch.tally
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(run_relay(settings, stop=stop, on_start=tally.attach))
@@ -314,9 +369,9 @@ async def _pipeline(
     ]
     try:
         began = time.monotonic()
-        await _until_spread(tally, tasks, console)
+        await _until_spread(tally, tasks, watch.console)
         spread_s, began = time.monotonic() - began, time.monotonic()
-        if not await _write_and_drain(db, orders, tally, tasks, console):
+        if not await _write_and_drain(db, orders, watch, tasks):
             return None
         # Before stopping: a stopping relay gives its buckets back.
         return _Drained(tally.shares(), spread_s, time.monotonic() - began)
@@ -348,42 +403,40 @@ async def _until_spread(tally: Tally, relays: list[asyncio.Task[Any]], console: 
 
 
 async def _write_and_drain(
-    db: sqlalchemy.Engine,
-    orders: int,
-    tally: Tally,
-    relays: list[asyncio.Task[Any]],
-    console: Console,
+    db: sqlalchemy.Engine, orders: int, watch: _Watch, relays: list[asyncio.Task[Any]]
 ) -> bool:
-    """Run the app's writer while the relays drain; True once everything committed was
-    delivered."""
+    """Run the app's writer while the relays drain; True once the outbox is empty."""
     cancel = threading.Event()
-    writer = asyncio.create_task(asyncio.to_thread(write_orders, db, orders, tally, cancel))
+    writer = asyncio.create_task(asyncio.to_thread(write_orders, db, orders, watch.tally, cancel))
     try:
-        with _progress(console) as progress:
-            return await _until_drained(tally, orders, relays, writer, progress)
+        with _progress(watch.console) as progress:
+            return await _until_drained(watch, orders, relays, writer, progress)
     finally:
         cancel.set()
         await asyncio.gather(writer, return_exceptions=True)
 
 
 async def _until_drained(
-    tally: Tally,
+    watch: _Watch,
     orders: int,
     relays: list[asyncio.Task[Any]],
     writer: asyncio.Task[None],
     progress: Progress,
 ) -> bool:
+    tally, hook = watch.tally, watch.hook
     expected = orders - orders // ROLLBACK_EVERY
-    written = progress.add_task("orders written", total=orders)
-    delivered = progress.add_task("messages delivered", total=expected)
+    written = progress.add_task("orders written", total=orders, note="")
+    delivered = progress.add_task("kafka + webhook", total=ROUTES * expected, note="")
+    accepted = progress.add_task("webhooks accepted", total=expected, note="")
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while time.monotonic() < deadline:
         progress.update(written, completed=tally.written)
         progress.update(delivered, completed=tally.delivered)
+        progress.update(accepted, completed=hook.delivered, note=f"{hook.retried} retried")
         _check_running(relays)
         if writer.done():
             writer.result()
-            if tally.delivered >= len(tally.committed):
+            if await watch.drained():
                 return True
         await asyncio.sleep(_REFRESH_S)
     return False
@@ -403,6 +456,7 @@ def _progress(console: Console) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
         console=console,
     )
 

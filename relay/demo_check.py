@@ -1,9 +1,10 @@
 """``outbox-relay demo``, second half: read the topic back and prove what arrived.
 
-Once the relays report every committed order delivered, a consumer reads the whole topic
-and the checks compare it with what the sample app wrote: every committed order arrived,
-no rolled-back one did, each message carries the contract's headers, and per customer (the
-message key) the orders arrived in the order they were written, whichever relay sent them.
+Once the outbox is empty, a consumer reads the whole topic and the checks compare it with
+what the sample app wrote: every committed order arrived, no rolled-back one did, each
+message carries the contract's headers, and per customer (the message key) the orders
+arrived in the order they were written, whichever relay sent them. The webhook route's
+checks are in :mod:`relay.demo_webhook`; the summary shows both.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from rich.console import Console
 from rich.table import Table
 
+from .demo_webhook import WebhookReport
 from .errors import RelayError
 
 QUIET_S = 0.5
@@ -227,39 +229,55 @@ def _order_violations(arrivals: list[Arrival]) -> int:
 # --- the summary ----------------------------------------------------------------------------
 
 
-def print_summary(console: Console, report: Report) -> None:
-    """The summary table, then a one-line verdict."""
+def print_summary(console: Console, report: Report, hooks: WebhookReport) -> None:
+    """The summary table, one section per route, then a one-line verdict."""
     table = Table(title="outbox-relay demo", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for name, value in _rows(report):
-        table.add_row(name, value)
+    outcome = report.outcome
+    sections = [
+        [
+            ("orders written (committed)", f"{len(outcome.committed)}"),
+            ("rolled back on purpose", f"{outcome.rolled_back}"),
+        ],
+        [("kafka route, topic", outcome.topic), *_kafka_rows(report)],
+        [(f"webhook route {hooks.route}", hooks.url.removeprefix("http://")), *hooks.rows()],
+        _run_rows(outcome, report.delivered + hooks.delivered),
+    ]
+    for section in sections:
+        for name, value in section:
+            table.add_row(name, value)
+        table.add_section()
     console.print(table)
-    if report.ok:
+    if report.ok and hooks.ok:
         console.print("[green]all checks passed[/green]")
     else:
         console.print("[red]checks failed[/red]")
 
 
-def _rows(report: Report) -> list[tuple[str, str]]:
-    outcome = report.outcome
-    rate = report.delivered / outcome.elapsed_s if outcome.elapsed_s > 0 else 0.0
+def _kafka_rows(report: Report) -> list[tuple[str, str]]:
+    return [
+        ("  delivered", f"{report.delivered}"),
+        ("  duplicates", f"{report.duplicates}"),
+        ("  missing", f"{report.missing}"),
+        ("  rolled back but delivered", f"{report.unexpected}"),
+        ("  bad headers", f"{report.bad_headers}"),
+        ("  per-key order violations", f"{report.out_of_order}"),
+    ]
+
+
+def _run_rows(outcome: Outcome, deliveries: int) -> list[tuple[str, str]]:
+    """The relays' shares (of both routes' deliveries) and the timings."""
+    rate = deliveries / outcome.elapsed_s if outcome.elapsed_s > 0 else 0.0
     relays = [
         (f"relay {n}", f"{share.delivered} delivered, {share.buckets} buckets")
         for n, share in enumerate(outcome.relays, start=1)
     ]
     return [
-        ("orders written (committed)", f"{len(outcome.committed)}"),
-        ("rolled back on purpose", f"{outcome.rolled_back}"),
-        ("delivered", f"{report.delivered}"),
-        ("duplicates", f"{report.duplicates}"),
-        ("missing", f"{report.missing}"),
-        ("rolled back but delivered", f"{report.unexpected}"),
-        ("bad headers", f"{report.bad_headers}"),
-        ("per-key order violations", f"{report.out_of_order}"),
+        ("deliveries (both routes)", f"{deliveries}"),
         ("relays", f"{len(outcome.relays)}"),
         *relays,
-        ("start-up (postgres + broker)", f"{outcome.startup_s:.2f} s"),
+        ("start-up (postgres, broker, hook)", f"{outcome.startup_s:.2f} s"),
         ("relays join, share buckets", f"{outcome.spread_s:.2f} s"),
         ("elapsed (write + deliver)", f"{outcome.elapsed_s:.2f} s"),
         ("throughput", f"{rate:,.0f} msg/s"),

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -25,11 +25,12 @@ from psycopg_pool import PoolTimeout
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 
 from .backoff import Backoff
-from .config import Route, Settings
+from .config import Settings
 from .errors import one_line
+from .lanes import Lane, LaneSettings
 from .membership import Membership
 from .plan import (
-    NO_ROUTE,
+    Dead,
     RecordPlan,
     Verdict,
     parked,
@@ -37,7 +38,9 @@ from .plan import (
     plan_retry_pass,
     verdict,
 )
-from .sinks.base import Failed, Outbound, Result, Sink
+from .runtime import MAX_RETRY_AFTER, OUTAGE_BACKOFF, RouteRuntime, log_dead_letters, wait_any
+from .sinks.base import Failed, Outbound, Result
+from .sinks.webhook import WebhookSink
 from .store import HeldBatch, Store, listen
 
 log = logging.getLogger(__name__)
@@ -45,31 +48,7 @@ log = logging.getLogger(__name__)
 Item = tuple[int, str]  # (message seq, route name)
 SendResults = list[tuple[str, list[tuple[Outbound, Result]]]]
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
-_OUTAGE_BACKOFF = Backoff(initial=0.5, maximum=30.0)
 _RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
-
-
-@dataclass
-class RouteRuntime:
-    """A route with its sink, retry schedule and outage pause."""
-
-    route: Route
-    sink: Sink
-    backoff: Backoff
-    failures: int = 0
-    paused_until: float = 0.0
-
-    def pause_left(self) -> float:
-        return max(0.0, self.paused_until - time.monotonic())
-
-    def observe(self, results: Sequence[Result]) -> None:
-        """Pause the route while its sink is unreachable; resume on the first success."""
-        if any(isinstance(r, Failed) and r.kind == "unavailable" for r in results):
-            self.failures += 1
-            self.paused_until = time.monotonic() + _OUTAGE_BACKOFF.delay(self.failures)
-        elif results:
-            self.failures = 0
-            self.paused_until = 0.0
 
 
 @dataclass
@@ -89,9 +68,26 @@ class Engine:
     routes: list[RouteRuntime]
     membership: Membership
     stats: Stats = field(default_factory=Stats)
+    lanes: list[Lane] = field(default_factory=list)
     _prefetch: asyncio.Future[HeldBatch] | None = None
     _matches: dict[str, list[RouteRuntime]] = field(default_factory=dict)
     _stop: asyncio.Event | None = None
+    _routes_checked: float = 0.0
+
+    def __post_init__(self) -> None:
+        lane_settings = LaneSettings(
+            self.settings.lease_seconds, self.settings.poll_interval, self.settings.shutdown_grace
+        )
+        self.lanes = [
+            Lane(r, r.sink, self.store, lane_settings, self._judge_for(r), self._count, DB_ERRORS)
+            for r in self.routes
+            if r.is_lane and isinstance(r.sink, WebhookSink)
+        ]
+
+    @property
+    def inline_routes(self) -> list[RouteRuntime]:
+        """Routes sent in the claim loop itself (Kafka); lanes deliver the others."""
+        return [r for r in self.routes if not r.is_lane]
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
@@ -110,26 +106,50 @@ class Engine:
             asyncio.create_task(listen(conninfo, self.store.schema, wake, stop)),
             asyncio.create_task(self.membership.run(stop, wake)),
         ]
+        lanes = [asyncio.create_task(lane.run(stop)) for lane in self.lanes]
         failures = 0
         try:
             while not stop.is_set():
                 wake.clear()
                 try:
+                    await self._refresh_routes()
                     await self._hand_over_if_due()
                     handled = await self.step()
                     failures = 0
                 except DB_ERRORS as exc:
                     failures += 1
                     log.warning("database unavailable (%s); retrying", one_line(exc))
-                    await _wait_any(stop, None, _OUTAGE_BACKOFF.delay(failures))
+                    await wait_any(stop, None, OUTAGE_BACKOFF.delay(failures))
                     continue
                 if handled < self.settings.batch_size:
-                    await _wait_any(stop, wake, await self._idle_timeout())
+                    await wait_any(stop, wake, await self._idle_timeout())
         finally:
+            stop.set()
+            # Lanes finish their requests in flight (up to the shutdown grace) and record.
+            await asyncio.gather(*lanes, return_exceptions=True)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._shutdown()
+
+    async def _refresh_routes(self) -> None:
+        """Learn which routes are disabled (by HTTP 410 or an operator), every heartbeat."""
+        now = time.monotonic()
+        if now - self._routes_checked < self.settings.heartbeat_seconds:
+            return
+        self._routes_checked = now
+        started = time.monotonic()
+        disabled = await self.store.disabled_routes()
+        for runtime in self.routes:
+            reason = disabled.get(runtime.route.name)
+            if not runtime.learn(reason, started):
+                continue
+            if reason is None:
+                log.info("route %s enabled again", runtime.route.name)
+            else:
+                log.warning("route %s is disabled: %s", runtime.route.name, reason)
+        for lane in self.lanes:
+            lane.wake.set()
 
     async def _hand_over_if_due(self) -> None:
         """Between batches, give away buckets another relay is waiting for.
@@ -145,19 +165,23 @@ class Engine:
 
     async def _idle_timeout(self) -> float:
         timeout = self.settings.poll_interval
-        paused = [r.pause_left() for r in self.routes if r.pause_left() > 0]
+        inline = self.inline_routes
+        paused = [r.pause_left() for r in inline if r.pause_left() > 0]
         if paused and len(paused) == len(self.routes):
             return min(paused)
+        if not inline:
+            return timeout
         try:
-            due = await self.store.seconds_until_due()
+            due = await self.store.seconds_until_due([r.route.name for r in inline])
         except DB_ERRORS:
             return timeout
         return timeout if due is None else min(timeout, max(due, 0.01))
 
     async def step(self) -> int:
         """One batch of each pass; returns how many (message, route) items were handled."""
-        active = [r for r in self.routes if r.pause_left() == 0]
-        if self.routes and not active:
+        inline = self.inline_routes
+        active = [r for r in inline if r.pause_left() == 0 or r.disabled is not None]
+        if inline and not active and len(inline) == len(self.routes):
             await self._settle_prefetch(keep=False)  # hold no locks across a pause
             return 0
         held = await self._take_prefetched() or await self.store.hold_first_pass(
@@ -167,6 +191,8 @@ class Engine:
         pending = await self.store.any_route_pending()
         if first:
             await self._first_pass(held, pending)
+            for lane in self.lanes:
+                lane.wake.set()
         retry: list[tuple[Outbound, str]] = []
         if pending:
             names = [r.route.name for r in active]
@@ -206,7 +232,7 @@ class Engine:
             self._count(plan)
         else:
             await self._record(plan)
-        _log_dead_letters(plan, {m.seq: m for m in held.messages})
+        log_dead_letters(plan, {m.seq: m for m in held.messages})
 
     async def _settle_prefetch(self, keep: bool) -> None:
         """Let the next claim finish before this batch updates any of its rows.
@@ -234,7 +260,9 @@ class Engine:
         self, messages: list[Outbound], pending: bool
     ) -> tuple[asyncio.Future[SendResults], dict[int, list[str]], dict[Item, Verdict]]:
         """Route every message, park what must queue behind its key, start the sends."""
-        blocked = await self.store.blocked_keys(messages) if pending else set()
+        # Only routes sent here need the check; lanes queue everything behind their keys anyway.
+        check = pending and any(not r.is_lane for r in self.routes)
+        blocked = await self.store.blocked_keys(messages) if check else set()
         routes_of: dict[int, list[str]] = {}
         verdicts: dict[Item, Verdict] = {}
         to_send: dict[str, list[Outbound]] = {}
@@ -243,7 +271,11 @@ class Engine:
             routes_of[message.seq] = [r.route.name for r in matched]
             for runtime in matched:
                 name = runtime.route.name
-                if message.key is not None and (name, message.topic, message.key) in blocked:
+                if runtime.disabled is not None:
+                    verdicts[(message.seq, name)] = _disabled(runtime)
+                elif runtime.is_lane:
+                    verdicts[(message.seq, name)] = parked()  # queued for the route's lane
+                elif message.key is not None and (name, message.topic, message.key) in blocked:
                     verdicts[(message.seq, name)] = parked()
                 elif runtime.pause_left() > 0:
                     verdicts[(message.seq, name)] = self._judge(runtime, message, _PAUSED)
@@ -270,14 +302,18 @@ class Engine:
 
     async def _retry_pass(self, claimed: list[tuple[Outbound, str]]) -> None:
         to_send: dict[str, list[Outbound]] = {}
-        for message, name in claimed:
-            to_send.setdefault(name, []).append(message)
         by_item: dict[Item, Verdict] = {}
+        for message, name in claimed:
+            runtime = self._runtime(name)
+            if runtime.disabled is not None:
+                by_item[(message.seq, name)] = _disabled(runtime, message.attempts)
+            else:
+                to_send.setdefault(name, []).append(message)
         self._judge_all(await self._send_all(to_send), by_item)
         verdicts = [by_item[(m.seq, n)] for m, n in claimed]
         plan = plan_retry_pass(claimed, verdicts)
         await self._record(plan)
-        _log_dead_letters(plan, {m.seq: m for m, _ in claimed})
+        log_dead_letters(plan, {m.seq: m for m, _ in claimed})
 
     def _runtime(self, name: str) -> RouteRuntime:
         return next(r for r in self.routes if r.route.name == name)
@@ -300,10 +336,15 @@ class Engine:
         runtime.observe(results)
         return list(zip(batch, results, strict=True))
 
+    def _judge_for(self, runtime: RouteRuntime) -> Callable[[Outbound, Result], Verdict]:
+        return lambda message, result: self._judge(runtime, message, result)
+
     def _judge(self, runtime: RouteRuntime, message: Outbound, result: Result) -> Verdict:
         if not isinstance(result, Failed):
             return result
         backoff = runtime.backoff.delay(message.attempts + 1)
+        if result.retry_after is not None:  # never sooner than the endpoint asked
+            backoff = max(backoff, min(result.retry_after, MAX_RETRY_AFTER))
         return verdict(
             result, message.attempts, runtime.route.max_attempts, backoff, runtime.pause_left()
         )
@@ -355,38 +396,5 @@ class Engine:
 _PAUSED = Failed("unavailable", "route paused", "sink unreachable; waiting before the next try")
 
 
-def _log_dead_letters(plan: RecordPlan, messages: dict[int, Outbound]) -> None:
-    """Every dead letter is logged where it is decided: an operator must see it."""
-    for rows in (plan.finished_dead, plan.dead):
-        columns = rows.columns
-        for seq, route, reason, error in zip(
-            columns.get("seq", []), columns.get("route", []),
-            columns.get("reason", []), columns.get("error", []), strict=True,
-        ):  # fmt: skip
-            message = messages[int(str(seq))]
-            if route == NO_ROUTE:
-                log.error(
-                    "topic %r matches no route: message %s dead-lettered "
-                    "(add a route, then retry it)",
-                    message.topic,
-                    message.id,
-                )
-            else:
-                log.warning(
-                    "message %s (topic %r) dead-lettered on route %s: %s",
-                    message.id,
-                    message.topic,
-                    route,
-                    error or reason,
-                )
-
-
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
-    waiters = [asyncio.ensure_future(stop.wait())]
-    if wake is not None:
-        waiters.append(asyncio.ensure_future(wake.wait()))
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+def _disabled(runtime: RouteRuntime, attempts: int = 0) -> Dead:
+    return Dead(attempts, "route disabled", runtime.disabled, "disabled")

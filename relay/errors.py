@@ -6,6 +6,7 @@
     └── RelayError
         ├── ConfigError (also outbox_lib.ConfigurationError)   a flag, variable or file is invalid
         ├── SinkError                                          a sink could not be set up
+        ├── NotFoundError                                      an operator command named nothing
         └── EmbeddedServiceError                               the demo's embedded services failed
 
 The CLI prints any ``OutboxError`` as one line (exit 2 for bad input, 1 for runtime failure).
@@ -32,6 +33,10 @@ class ConfigError(RelayError, ConfigurationError):
 
 class SinkError(RelayError):
     """A sink could not be created from its settings."""
+
+
+class NotFoundError(RelayError):
+    """An operator command named something that does not exist (e.g. a dead letter's id)."""
 
 
 class EmbeddedServiceError(RelayError):

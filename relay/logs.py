@@ -32,4 +32,7 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("psycopg.pool").setLevel(max(logging.WARNING, root.level))
+    # httpx logs every request at INFO: thousands of lines a second from a busy webhook lane.
+    # The relay logs the outcomes that matter (dead letters, disabled routes, outages) itself.
+    for noisy in ("psycopg.pool", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

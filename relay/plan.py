@@ -34,6 +34,7 @@ class Pending:
     delay: float
     error: str | None
     unavailable: bool = False
+    status: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,7 @@ class Dead:
     attempts: int
     reason: str
     error: str | None
+    status: str | None = None
 
 
 Verdict = Delivered | Dead | Pending
@@ -94,15 +96,18 @@ def verdict(
         return result
     attempts = prior_attempts + 1
     error = _error_text(result)
+    status = result.reason
     if result.kind == "permanent":
-        return Dead(attempts, result.reason, error)
+        return Dead(attempts, result.reason, error, status)
+    if result.kind == "gone":
+        return Dead(attempts, f"endpoint gone ({result.reason}); route disabled", error, status)
     if result.kind == "unavailable":
-        return Pending(prior_attempts, pause, error, unavailable=True)
+        return Pending(prior_attempts, pause, error, unavailable=True, status=status)
     if result.kind == "held":
-        return parked()
+        return Pending(prior_attempts, 0.0, None)
     if attempts >= max_attempts:
-        return Dead(attempts, f"max attempts reached ({result.reason})", error)
-    return Pending(attempts, backoff, error)
+        return Dead(attempts, f"max attempts reached ({result.reason})", error, status)
+    return Pending(attempts, backoff, error, status=status)
 
 
 def _error_text(result: Failed) -> str:
@@ -167,7 +172,10 @@ def _add(
         )
         plan.delivered_count += 1
     elif isinstance(v, Dead):
-        dead.add(seq=seq, route=route, attempts=v.attempts, reason=v.reason, error=v.error)
+        dead.add(
+            seq=seq, route=route, attempts=v.attempts, reason=v.reason, error=v.error,
+            status=v.status,
+        )  # fmt: skip
         plan.dead_count += 1
 
 
@@ -180,4 +188,5 @@ def _add_pending(plan: RecordPlan, message: Outbound, route: str, v: Pending) ->
         attempts=v.attempts,
         delay=dt.timedelta(seconds=v.delay),
         error=v.error,
+        status=v.status,
     )

@@ -1,5 +1,6 @@
-"""``outbox-relay status``: per topic, what is pending, dead-lettered and how old; and the
-live relays with the key buckets each holds."""
+"""``outbox-relay status``: per topic, what is pending, dead-lettered and how old; the routes
+the database knows of (disabled ones, pending and dead rows per route); and the live relays
+with the key buckets each holds."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from rich.console import Console
 from rich.table import Table
 
-from outbox_lib import SchemaNotMigratedError
-
+from .db import schema_required
+from .routestate import RouteStatus, read_routes, routes_json, routes_table
 from .store import relay_queries
+from .tables import cell, console
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,7 @@ class Report:
     topics: dict[str, TopicStatus]
     relays: list[RelayStatus] = field(default_factory=list)
     unowned_buckets: int = 0
+    routes: dict[str, RouteStatus] = field(default_factory=dict)
 
 
 def read_status(conn: psycopg.Connection[Any], schema: str) -> Report:
@@ -49,13 +51,10 @@ def read_status(conn: psycopg.Connection[Any], schema: str) -> Report:
     def run(name: str) -> list[tuple[Any, ...]]:
         return conn.execute(queries[name]).fetchall()
 
-    try:
+    with schema_required(schema):
         pending, dead = run("status_pending"), run("status_dead")
         relays, unowned = run("status_relays"), run("status_unowned")
-    except psycopg.errors.UndefinedTable as exc:
-        raise SchemaNotMigratedError(
-            f"schema {schema!r} is missing outbox tables; run `outbox-relay migrate` first"
-        ) from exc
+    routes = read_routes(conn, schema)
     topics: dict[str, TopicStatus] = {}
     for topic, count, age in pending:
         topics[topic] = TopicStatus(int(count), 0, float(age) if age is not None else None)
@@ -69,6 +68,7 @@ def read_status(conn: psycopg.Connection[Any], schema: str) -> Report:
             for rid, host, pid, started, beat, age, held, drain in relays
         ],
         int(unowned[0][0]),
+        routes,
     )
 
 
@@ -83,6 +83,7 @@ def to_json(report: Report) -> str:
                 }
                 for topic, s in report.topics.items()
             },
+            "routes": routes_json(report.routes),
             "relays": [
                 {
                     "id": r.id,
@@ -120,7 +121,7 @@ def print_status(report: Report, *, as_json: bool) -> None:
     if as_json:
         print(to_json(report))
         return
-    console = Console()
+    out = console()
     table = Table(title="outbox status")
     table.add_column("topic")
     table.add_column("pending", justify="right")
@@ -130,10 +131,13 @@ def print_status(report: Report, *, as_json: bool) -> None:
         age = (
             "-" if s.oldest_pending_age_seconds is None else f"{s.oldest_pending_age_seconds:.1f}s"
         )
-        table.add_row(topic, str(s.pending), str(s.dead), age)
+        table.add_row(cell(topic), str(s.pending), str(s.dead), age)
     if not report.topics:
         table.add_row("(no messages)", "0", "0", "-")
-    console.print(table)
+    out.print(table)
+    notable = {name: route for name, route in report.routes.items() if route.notable}
+    if notable:
+        out.print(routes_table(notable))
     relays = Table(title="relays")
     relays.add_column("relay")
     relays.add_column("host")
@@ -146,8 +150,8 @@ def print_status(report: Report, *, as_json: bool) -> None:
         if r.handing_over:
             held += f" (handing over {ranges(r.handing_over)})"
         relays.add_row(
-            r.id,
-            r.host,
+            cell(r.id),
+            cell(r.host),
             str(r.pid),
             str(len(r.buckets)),
             held,
@@ -155,6 +159,6 @@ def print_status(report: Report, *, as_json: bool) -> None:
         )
     if not report.relays:
         relays.add_row("(no live relay)", "-", "-", "0", "-", "-")
-    console.print(relays)
+    out.print(relays)
     if report.unowned_buckets:
-        console.print(f"{report.unowned_buckets} key bucket(s) have no live holder")
+        out.print(f"{report.unowned_buckets} key bucket(s) have no live holder")

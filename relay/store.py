@@ -83,11 +83,19 @@ class Store:
         self.relay_id = relay_id
 
     @classmethod
-    def create(cls, conninfo: str, schema: str, relay_id: str, hold_seconds: float = 5.0) -> Store:
+    def create(
+        cls,
+        conninfo: str,
+        schema: str,
+        relay_id: str,
+        hold_seconds: float = 5.0,
+        lanes: int = 0,
+    ) -> Store:
+        """A pool of 4 connections, plus 2 per lane (one claims while the other records)."""
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
             min_size=1,
-            max_size=4,
+            max_size=4 + 2 * lanes,
             open=False,
             kwargs={
                 "application_name": f"outbox-relay {relay_id}"[:63],
@@ -174,6 +182,11 @@ class Store:
         self, conn: psycopg.AsyncConnection[Any], plan: RecordPlan, holder: str | None
     ) -> None:
         """The plan's statements; ``holder`` None means the rows are locked by ``conn``."""
+        if plan.retried_seqs:
+            # Two routes of one message may finish at once, in two transactions; each would
+            # see the other's route_pending row and leave the message behind for good.
+            # Locking the message rows first makes the second wait and then see the first.
+            await conn.execute(self._q["lock_messages"], {"seqs": sorted(set(plan.retried_seqs))})
         if plan.finished:
             await conn.execute(self._q["finish_first_pass"], self._finish_params(plan, holder))
         await self._bulk(conn, "insert_deliveries", plan.deliveries)
@@ -189,7 +202,7 @@ class Store:
         params: dict[str, Any] = {"finished": plan.finished, "relay": holder}
         for prefix, rows, names in (
             ("d", plan.finished_deliveries, ("seq", "route", "attempts", "partition", "offset")),
-            ("x", plan.finished_dead, ("seq", "route", "attempts", "reason", "error")),
+            ("x", plan.finished_dead, ("seq", "route", "attempts", "reason", "error", "status")),
         ):
             for name in names:
                 params[f"{prefix}_{name}"] = rows.columns.get(name, [])
@@ -213,10 +226,19 @@ class Store:
         rows = await self._fetch("release_all_of_relay", {"relay": self.relay_id})
         return int(rows[0][0]) if rows else 0
 
-    async def seconds_until_due(self) -> float | None:
-        rows = await self._fetch("next_due", {})
+    async def seconds_until_due(self, routes: Sequence[str]) -> float | None:
+        """Until the next ``route_pending`` row of ``routes`` is due (<= 0: one is due now)."""
+        rows = await self._fetch("next_due", {"routes": list(routes)})
         value = rows[0][0] if rows else None
         return None if value is None else max(0.0, float(value))
+
+    async def disabled_routes(self) -> dict[str, str]:
+        """Route name -> why it is disabled (HTTP 410, or an operator)."""
+        return {str(r): str(why) for r, why in await self._fetch("disabled_routes", {})}
+
+    async def disable_route(self, route: str, reason: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(self._q["disable_route"], {"route": route, "reason": reason})
 
     async def _fetch(self, name: str, params: dict[str, Any]) -> list[TupleRow]:
         async with self._pool.connection() as conn:

@@ -10,6 +10,13 @@ result, classified so the relay knows what to do:
 - ``held``: not attempted, because an earlier message of its key failed in this batch; it
   queues behind that message (no attempt spent). Sinks that send one message at a time use
   :class:`KeyGate` to produce it, so a later message never overtakes a failed one.
+- ``gone``: the endpoint said it no longer exists (HTTP 410): the message is dead-lettered
+  and the route disabled until an operator enables it again.
+
+A failure may also say how long to wait (``retry_after``, from a ``Retry-After`` header) and
+whether it concerns the whole endpoint (``scope="endpoint"``: refused connections, 429) rather
+than this one message; the route then pauses, so an outage spends the retry budget of the
+messages in flight only, never of the queue behind them.
 
 A third sink (NATS, SQS, ...) is one new module implementing :class:`Sink`.
 """
@@ -20,11 +27,13 @@ import datetime as dt
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from ..config import Route
+if TYPE_CHECKING:
+    from ..config import Route
 
-FailureKind = Literal["unavailable", "retry", "permanent", "held"]
+FailureKind = Literal["unavailable", "retry", "permanent", "held", "gone"]
+FailureScope = Literal["message", "endpoint"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +66,10 @@ class Delivered:
 @dataclass(frozen=True, slots=True)
 class Failed:
     kind: FailureKind
-    reason: str
+    reason: str  # short, also recorded as the last status: "HTTP 503", "timeout", ...
     detail: str = ""
+    retry_after: float | None = None
+    scope: FailureScope = "message"
 
 
 Result = Delivered | Failed

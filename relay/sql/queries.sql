@@ -45,14 +45,18 @@ SELECT DISTINCT p.route, p.topic, p.msg_key
     ON p.topic = k.topic AND p.msg_key = k.msg_key
 
 -- name: claim_retry_pass
--- Due route_pending rows of the routes this relay serves now, oldest first; keyed rows
--- only of buckets this relay holds. A keyed row waits while an earlier row of the same
--- route and key is not due yet or is leased.
+-- Due route_pending rows of the given routes, oldest first; keyed rows only of buckets this
+-- relay holds. A keyed row waits while an earlier row of the same route and key is not due
+-- yet or is leased. A lease counts only while its relay is alive: the rows a killed relay
+-- had in flight come back once its relay row expires (the bucket lease time), not after
+-- the much longer claim lease.
 WITH candidate AS (
     SELECT p.seq, p.route
       FROM {schema}.route_pending p
      WHERE p.available_at <= now()
-       AND (p.claimed_until IS NULL OR p.claimed_until < now())
+       AND (p.claimed_until IS NULL OR p.claimed_until < now()
+            OR NOT EXISTS (SELECT 1 FROM {schema}.relay l
+                            WHERE l.relay_id = p.claimed_by AND l.expires_at > now()))
        AND p.route = ANY(%(routes)s::text[])
        AND (p.msg_key IS NULL OR p.bucket = ANY(ARRAY(
             SELECT b.bucket FROM {schema}.bucket_lease b JOIN {schema}.relay r ON r.relay_id = b.holder
@@ -61,7 +65,10 @@ WITH candidate AS (
             SELECT 1 FROM {schema}.route_pending e
              WHERE e.route = p.route AND e.topic = p.topic AND e.msg_key = p.msg_key
                AND e.seq < p.seq
-               AND (e.available_at > now() OR e.claimed_until >= now())))
+               AND (e.available_at > now()
+                    OR (e.claimed_until >= now()
+                        AND EXISTS (SELECT 1 FROM {schema}.relay l
+                                     WHERE l.relay_id = e.claimed_by AND l.expires_at > now())))))
      ORDER BY p.seq
      LIMIT %(limit)s
        FOR UPDATE OF p SKIP LOCKED
@@ -96,16 +103,17 @@ WITH gone AS (
 ), dead AS (
     INSERT INTO {schema}.dead_letter (message_id, seq, route, topic, msg_key, payload,
                                       content_type, headers, idempotency_key, bucket,
-                                      created_at, attempts, reason, last_error)
+                                      created_at, attempts, reason, last_error, last_status)
     SELECT g.id, g.seq, x.route, g.topic, g.msg_key, g.payload, g.content_type, g.headers,
-           g.idempotency_key, g.bucket, g.created_at, x.attempts, x.reason, x.error
+           g.idempotency_key, g.bucket, g.created_at, x.attempts, x.reason, x.error, x.status
       FROM gone g
       JOIN unnest(%(x_seq)s::bigint[], %(x_route)s::text[], %(x_attempts)s::int[],
-                  %(x_reason)s::text[], %(x_error)s::text[])
-           AS x(seq, route, attempts, reason, error) ON x.seq = g.seq
+                  %(x_reason)s::text[], %(x_error)s::text[], %(x_status)s::text[])
+           AS x(seq, route, attempts, reason, error, status) ON x.seq = g.seq
     ON CONFLICT (message_id, route) DO UPDATE
        SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
-           last_error = EXCLUDED.last_error, dead_at = EXCLUDED.dead_at
+           last_error = EXCLUDED.last_error, last_status = EXCLUDED.last_status,
+           dead_at = EXCLUDED.dead_at
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM delivered), (SELECT count(*) FROM dead)
@@ -123,27 +131,30 @@ SELECT m.id, m.seq, d.route, m.topic, m.msg_key, m.payload, m.content_type, m.he
 -- name: insert_dead_letters
 INSERT INTO {schema}.dead_letter (message_id, seq, route, topic, msg_key, payload, content_type,
                                   headers, idempotency_key, bucket, created_at, attempts,
-                                  reason, last_error)
+                                  reason, last_error, last_status)
 SELECT m.id, m.seq, x.route, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
-       m.idempotency_key, m.bucket, m.created_at, x.attempts, x.reason, x.error
+       m.idempotency_key, m.bucket, m.created_at, x.attempts, x.reason, x.error, x.status
   FROM unnest(%(seq)s::bigint[], %(route)s::text[], %(attempts)s::int[], %(reason)s::text[],
-              %(error)s::text[]) AS x(seq, route, attempts, reason, error)
+              %(error)s::text[], %(status)s::text[]) AS x(seq, route, attempts, reason, error, status)
   JOIN {schema}.message m ON m.seq = x.seq
 ON CONFLICT (message_id, route) DO UPDATE
    SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
-       last_error = EXCLUDED.last_error, dead_at = EXCLUDED.dead_at
+       last_error = EXCLUDED.last_error, last_status = EXCLUDED.last_status,
+       dead_at = EXCLUDED.dead_at
 
 -- name: upsert_pending
 INSERT INTO {schema}.route_pending AS p (seq, route, topic, msg_key, bucket, attempts,
-                                         available_at, last_error)
-SELECT u.seq, u.route, u.topic, u.msg_key, m.bucket, u.attempts, now() + u.delay, u.error
+                                         available_at, last_error, last_status)
+SELECT u.seq, u.route, u.topic, u.msg_key, m.bucket, u.attempts, now() + u.delay, u.error,
+       u.status
   FROM unnest(%(seq)s::bigint[], %(route)s::text[], %(topic)s::text[], %(key)s::bytea[],
-              %(attempts)s::int[], %(delay)s::interval[], %(error)s::text[])
-       AS u(seq, route, topic, msg_key, attempts, delay, error)
+              %(attempts)s::int[], %(delay)s::interval[], %(error)s::text[], %(status)s::text[])
+       AS u(seq, route, topic, msg_key, attempts, delay, error, status)
   JOIN {schema}.message m ON m.seq = u.seq
 ON CONFLICT (seq, route) DO UPDATE
    SET attempts = EXCLUDED.attempts, available_at = EXCLUDED.available_at,
        last_error = coalesce(EXCLUDED.last_error, p.last_error),
+       last_status = coalesce(EXCLUDED.last_status, p.last_status),
        claimed_by = NULL, claimed_until = NULL
 
 -- name: delete_pending
@@ -160,6 +171,13 @@ UPDATE {schema}.message
 UPDATE {schema}.message
    SET claimed_by = NULL, claimed_until = NULL
  WHERE seq = ANY(%(seqs)s::bigint[]) AND (%(relay)s::text IS NULL OR claimed_by = %(relay)s)
+
+-- name: lock_messages
+-- Before finishing routes of fanned messages: one record transaction at a time per message.
+SELECT 1 FROM {schema}.message
+ WHERE seq = ANY(%(seqs)s::bigint[])
+ ORDER BY seq
+   FOR UPDATE
 
 -- name: delete_completed
 -- Fanned messages whose last pending route just finished.
@@ -180,6 +198,7 @@ SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)
 
 -- name: next_due
 SELECT extract(epoch FROM min(available_at) - now()) FROM {schema}.route_pending
+ WHERE route = ANY(%(routes)s::text[])
 
 -- name: status_pending
 SELECT topic, count(*), extract(epoch FROM now() - min(created_at))
@@ -283,3 +302,113 @@ DELETE FROM {schema}.relay WHERE relay_id = %(relay)s
 
 -- name: wake_relays
 SELECT pg_notify(%(channel)s, '')
+
+-- Routes disabled by their endpoint (HTTP 410) or by an operator.
+
+-- name: disabled_routes
+SELECT route, coalesce(disabled_reason, 'disabled') FROM {schema}.route_state
+ WHERE disabled_at IS NOT NULL
+
+-- name: disable_route
+INSERT INTO {schema}.route_state AS s (route, disabled_at, disabled_reason, changed_at)
+VALUES (%(route)s, now(), %(reason)s, now())
+ON CONFLICT (route) DO UPDATE
+   SET disabled_at = coalesce(s.disabled_at, EXCLUDED.disabled_at),
+       disabled_reason = coalesce(s.disabled_reason, EXCLUDED.disabled_reason),
+       changed_at = now()
+
+-- Operator commands (`outbox-relay dead-letters ...`, `routes ...`, `status`). Each runs in
+-- its own short transaction on the operator's connection.
+
+-- name: status_routes
+-- Every route the database knows of (a route_state row, pending work or dead letters), with
+-- its state and counts; 'no-route' is the dead letters of topics that matched no route.
+WITH pending AS (
+    SELECT route, count(*) AS n FROM {schema}.route_pending GROUP BY route
+), dead AS (
+    SELECT route, count(*) AS n FROM {schema}.dead_letter GROUP BY route
+), known AS (
+    SELECT route FROM {schema}.route_state
+    UNION SELECT route FROM pending
+    UNION SELECT route FROM dead
+)
+SELECT k.route, s.disabled_at, s.disabled_reason, coalesce(p.n, 0), coalesce(d.n, 0)
+  FROM known k
+  LEFT JOIN {schema}.route_state s ON s.route = k.route
+  LEFT JOIN pending p ON p.route = k.route
+  LEFT JOIN dead d ON d.route = k.route
+ ORDER BY k.route
+
+-- name: ops_list_dead_letters
+-- Newest first; the last column counts every match, so the caller can say what LIMIT hid.
+SELECT message_id, route, topic, msg_key, attempts, last_status, reason, last_error,
+       dead_at, created_at, idempotency_key, count(*) OVER ()
+  FROM {schema}.dead_letter
+ WHERE (%(topic)s::text IS NULL OR topic = %(topic)s::text)
+   AND (%(route)s::text IS NULL OR route = %(route)s::text)
+ ORDER BY dead_at DESC, message_id, route
+ LIMIT %(limit)s
+
+-- name: ops_retry_dead_letters
+-- Revive the selected dead letters in one statement. DELETE ... RETURNING takes each row at
+-- most once, so two operators retrying at the same time never revive a letter twice (the
+-- second waits for the first's row locks, then finds the rows gone).
+-- Each message comes back once, as a new row (new seq, same id, idempotency key and bucket),
+-- in its original order, so retried messages of one key keep their relative order:
+-- * a 'no-route' letter comes back unfanned: its first pass routes it with the routes the
+--   relays have now (should the same message also have letters of real routes, which takes
+--   a configuration change between the two, the first pass covers those routes too);
+-- * any other letter comes back fanned with a route_pending row, due now with its attempts
+--   reset, for the route that dead-lettered it and no other.
+WITH picked AS (
+    DELETE FROM {schema}.dead_letter d
+     WHERE (%(id)s::uuid IS NULL OR d.message_id = %(id)s::uuid)
+       AND (%(topic)s::text IS NULL OR d.topic = %(topic)s::text)
+       AND (%(route)s::text IS NULL OR d.route = %(route)s::text)
+    RETURNING d.*
+), revived AS (
+    INSERT INTO {schema}.message (id, topic, msg_key, payload, content_type, headers,
+                                  idempotency_key, bucket, created_at, fanned)
+    SELECT u.message_id, u.topic, u.msg_key, u.payload, u.content_type, u.headers,
+           u.idempotency_key, u.bucket, u.created_at, u.fanned
+      FROM (SELECT DISTINCT ON (p.message_id) p.*,
+                   NOT bool_or(p.route = 'no-route') OVER (PARTITION BY p.message_id) AS fanned
+              FROM picked p
+             ORDER BY p.message_id, p.seq) u
+     ORDER BY u.seq, u.message_id
+    RETURNING seq, id, fanned
+), queued AS (
+    INSERT INTO {schema}.route_pending (seq, route, topic, msg_key, bucket, attempts,
+                                        available_at)
+    SELECT r.seq, p.route, p.topic, p.msg_key, p.bucket, 0, now()
+      FROM picked p
+      JOIN revived r ON r.id = p.message_id
+     WHERE r.fanned
+    RETURNING 1
+)
+SELECT p.route, count(*), (SELECT count(*) FROM revived), (SELECT count(*) FROM queued)
+  FROM picked p
+ GROUP BY p.route
+ ORDER BY p.route
+
+-- name: ops_disabled_routes_among
+SELECT route, disabled_reason FROM {schema}.route_state
+ WHERE route = ANY(%(routes)s::text[]) AND disabled_at IS NOT NULL
+ ORDER BY route
+
+-- name: ops_enable_route
+UPDATE {schema}.route_state
+   SET disabled_at = NULL, disabled_reason = NULL, changed_at = now()
+ WHERE route = %(route)s AND disabled_at IS NOT NULL
+RETURNING route
+
+-- name: ops_disable_route
+INSERT INTO {schema}.route_state (route, disabled_at, disabled_reason, changed_at)
+VALUES (%(route)s, now(), %(reason)s, now())
+ON CONFLICT (route) DO UPDATE
+   SET disabled_at = now(), disabled_reason = EXCLUDED.disabled_reason, changed_at = now()
+
+-- name: ops_wake_relays
+-- Wake the relays (the NOTIFY goes out at commit) so they see the change without waiting
+-- for their next poll.
+SELECT {schema}.notify_once()

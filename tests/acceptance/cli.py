@@ -14,10 +14,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import sql as psql
+from psycopg.types.json import Jsonb
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
@@ -190,7 +193,54 @@ def query(database_url: str, sql: str, params: Mapping[str, Any] | None = None) 
         return conn.execute(sql, params).fetchall()
 
 
+def execute(database_url: str, sql: str, params: Sequence[Any] | None = None) -> None:
+    """Run one statement that returns no rows, on a short autocommit connection."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql, params)
+
+
 def scalar(database_url: str, sql: str, params: Mapping[str, Any] | None = None) -> Any:
     rows = query(database_url, sql, params)
     assert len(rows) == 1 and len(rows[0]) == 1, rows
     return rows[0][0]
+
+
+def insert_dead_letter(
+    database_url: str,
+    *,
+    route: str,
+    topic: str,
+    message_id: uuid.UUID | None = None,
+    key: bytes | None = None,
+    payload: bytes = b'{"n": 0}',
+    headers: Mapping[str, str] | None = None,
+    idempotency_key: str | None = None,
+    attempts: int = 3,
+    reason: str = "max attempts reached (HTTP 503)",
+    last_error: str | None = "HTTP 503: unavailable",
+    last_status: str | None = "HTTP 503",
+    dead_seconds_ago: float = 0.0,
+    schema: str = "outbox",
+) -> uuid.UUID:
+    """Write a dead letter as the relay would (the way to set one up without a failing
+    sink); ``dead_seconds_ago`` orders them. Returns the message id."""
+    message_id = message_id or uuid.uuid4()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            psql.SQL(
+                "INSERT INTO {s}.dead_letter (message_id, seq, route, topic, msg_key, payload,"
+                " content_type, headers, idempotency_key, bucket, created_at, attempts, reason,"
+                " last_error, last_status, dead_at)"
+                " VALUES (%(id)s, nextval(pg_get_serial_sequence({t}, 'seq')), %(route)s,"
+                " %(topic)s, %(key)s, %(payload)s, 'application/json', %(headers)s,"
+                " %(idem)s, {s}.key_bucket(%(key)s), now() - interval '1 hour', %(attempts)s,"
+                " %(reason)s, %(error)s, %(status)s, now() - make_interval(secs => %(ago)s))"
+            ).format(s=psql.Identifier(schema), t=psql.Literal(f"{schema}.message")),
+            {
+                "id": message_id, "route": route, "topic": topic, "key": key,
+                "payload": payload, "headers": Jsonb(dict(headers or {})),
+                "idem": idempotency_key, "attempts": attempts, "reason": reason,
+                "error": last_error, "status": last_status, "ago": dead_seconds_ago,
+            },
+        )  # fmt: skip
+    return message_id

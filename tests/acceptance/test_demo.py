@@ -20,6 +20,7 @@ pytestmark = pytest.mark.acceptance
 
 ORDERS = 300
 COMMITTED = ORDERS - ORDERS // 10  # the demo rolls back every tenth order on purpose
+ROUTES = 2  # orders.created goes to Kafka and to the billing-hook webhook
 
 
 @pytest.fixture
@@ -80,17 +81,38 @@ def test_demo_delivers_every_committed_order_and_exits_0(
     assert _row(result.stdout, "delivered") == str(COMMITTED)
     assert _row(result.stdout, "missing") == "0"
     assert _row(result.stdout, "rolled back but delivered") == "0"
+    assert _row(result.stdout, "bad headers") == "0"
     assert _row(result.stdout, "per-key order violations") == "0"
+    assert _row(result.stdout, "deliveries (both routes)") == str(ROUTES * COMMITTED)
     assert _row(result.stdout, "relays") == str(relays)
     shares = _relay_rows(result.stdout)
     assert len(shares) == relays, result.stdout
     assert all(delivered > 0 for delivered, _ in shares), result.stdout
-    assert sum(delivered for delivered, _ in shares) >= COMMITTED, result.stdout
+    assert sum(delivered for delivered, _ in shares) >= ROUTES * COMMITTED, result.stdout
     buckets = [held for _, held in shares]
     assert sum(buckets) == 256 and max(buckets) - min(buckets) <= 1, result.stdout
+    _assert_webhook_rows(result.stdout)
     assert "all checks passed" in result.stdout
     assert "Traceback" not in output
     _assert_cleaned_up(workdir)
+
+
+def _assert_webhook_rows(output: str) -> None:
+    """The billing-hook receiver got every committed order, signed, in per-customer order,
+    and some first attempts were answered 503 and retried with the same webhook-id."""
+    route = re.compile(r"^\W*webhook route billing-hook\W+127\.0\.0\.1:\d+/", re.MULTILINE)
+    assert route.search(output), output
+    assert _row(output, "orders delivered (2xx)") == str(COMMITTED)
+    assert _row(output, "orders missing") == "0"
+    assert _row(output, "bad signatures") == "0"
+    assert _row(output, "id/header mismatches") == "0"
+    assert _row(output, "rolled back but received") == "0"
+    assert _row(output, "per-customer order violations") == "0"
+    throttled = int(_row(output, "answered 503 (Retry-After: 1)"))
+    retried = int(_row(output, "retried requests (same id)"))
+    assert throttled > 0, output
+    assert retried >= throttled, output
+    assert int(_row(output, "requests received")) == COMMITTED + retried, output
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two"])

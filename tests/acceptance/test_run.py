@@ -13,6 +13,7 @@ import pytest
 
 from tests.acceptance.cli import (
     error_lines,
+    execute,
     migrate,
     publish_many,
     query,
@@ -270,14 +271,14 @@ def test_run_on_an_outdated_schema_names_both_versions(
     database_url: str, kafka: KafkaEndpoint
 ) -> None:
     migrate(database_url)
-    scalar(database_url, "DELETE FROM outbox.schema_migrations WHERE version > 1 RETURNING 1")
+    execute(database_url, "DELETE FROM outbox.schema_migrations WHERE version > 1")
 
     result = run_cli("run", env=_relay_env(database_url, kafka.bootstrap), timeout=60)
 
     assert result.returncode == 1, result.stderr
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr
-    assert "at version 1, this relay needs 2" in lines[0]
+    assert "at version 1, this relay needs 3" in lines[0]
     assert "outbox-relay migrate" in lines[0]
 
 

@@ -56,7 +56,7 @@ def test_status_reports_pending_dead_and_age_per_topic(
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) >= {"topics", "relays"}
+    assert set(report) >= {"topics", "routes", "relays"}
     assert report["relays"] == []  # the relay that dead-lettered has stopped and left
     topics = report["topics"]
     assert set(topics) == {PENDING_ONLY, DEAD_ONLY, BOTH}
@@ -97,7 +97,9 @@ def test_status_of_an_empty_outbox(database_url: str) -> None:
     result = run_cli("status", "--json", env={"OUTBOX_DATABASE_URL": database_url})
 
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"topics": {}, "relays": [], "unowned_buckets": 256}
+    assert json.loads(result.stdout) == {
+        "topics": {}, "routes": {}, "relays": [], "unowned_buckets": 256,
+    }  # fmt: skip
 
 
 def test_status_of_a_custom_schema(database_url: str) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from relay.backoff import Backoff
 from relay.config import Route
-from relay.engine import RouteRuntime
+from relay.runtime import RouteRuntime
 from relay.sinks.base import Delivered, Failed, KeyGate, Outbound, Result
 from tests.harness.relay import (
     RelayThread,

@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 
 from relay.backoff import Backoff
 from relay.config import Route
-from relay.engine import RouteRuntime
+from relay.runtime import RouteRuntime
 from relay.sinks.base import Failed, Outbound, Result, Sink
 from relay.sinks.kafka import KafkaSink
 from tests.harness.kafka import create_topic

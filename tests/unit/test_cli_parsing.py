@@ -12,7 +12,7 @@ import pytest
 from relay.cli import main
 from relay.logs import JsonFormatter
 
-COMMANDS = ["migrate", "run", "status", "demo"]
+COMMANDS = ["migrate", "run", "status", "dead-letters", "routes", "demo"]
 
 
 @pytest.fixture(autouse=True)
@@ -110,6 +110,9 @@ def test_unknown_command_exits_2_with_one_line(capsys: pytest.CaptureFixture[str
         (["migrate", "--schema", "a-b"], "--schema"),
         (["status", "--log-format", "xml"], "--log-format"),
         (["demo", "--orders", "0"], "--orders"),
+        (["dead-letters", "list", "--limit", "-1"], "--limit"),
+        (["dead-letters", "retry", "--id", "7"], "--id"),
+        (["routes", "disable", "no-route"], "NAME"),
     ],
 )
 def test_invalid_flag_value_exits_2_with_one_line(

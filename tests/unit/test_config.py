@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from outbox_lib import ConfigurationError
-from relay.config import Route, Settings, load_settings, order_warnings
+from relay.config import Route, Settings, load_settings, order_warnings, signing_keys
 from relay.errors import ConfigError
 
 CONTRACT_TOML = """
@@ -277,3 +277,59 @@ def test_overrides_that_give_up_key_order_are_warned_about(toml: Callable[[str],
     assert any("idempotence is off" in w for w in warnings)
     assert any("consistent_random" in w for w in warnings)
     assert order_warnings(load_settings({"kafka_bootstrap_servers": "k:9092"}, {})) == []
+
+
+# --- webhook routes -------------------------------------------------------------------------
+
+HOOK = '[[routes]]\nname = "hook"\ntopics = ["orders.*"]\nsink = "webhook"\n'
+GOOD_SECRET = "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        (f'url = "ftp://e.x/h"\nsecret = "{GOOD_SECRET}"', "http:// or https:// URL"),
+        (f'url = "https:///h"\nsecret = "{GOOD_SECRET}"', "with a host name"),
+        ('url = "https://e.x/h"', "needs a secret"),
+        (
+            f'url = "http://127.0.0.1:8080/h"\nsecret = "{GOOD_SECRET}"',
+            r"127\.0\.0\.1 \(loopback\)",
+        ),
+        (f'url = "http://169.254.169.254/"\nsecret = "{GOOD_SECRET}"', "metadata"),
+        (f'url = "http://[::1]/h"\nsecret = "{GOOD_SECRET}"', "allow_private_network = true"),
+        (
+            f'url = "https://e.x/h"\nsecret = "{GOOD_SECRET}"\nsecret_env = "HOOK_SECRET"',
+            "secret or secret_env, not both",
+        ),
+        ('url = "https://e.x/h"\nsecret_env = "HOOK_SECRET"', "HOOK_SECRET, which is not set"),
+        (f'url = "https://e.x/h"\nsecret = "{GOOD_SECRET}"\nconcurrency = 0', "positive"),
+        (f'url = "https://e.x/h"\nsecret = "{GOOD_SECRET}"\nrate_limit_per_s = -1', "positive"),
+    ],
+)
+def test_bad_webhook_routes_are_config_errors(
+    toml: Callable[[str], str], lines: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_settings({}, {}, toml(f"{HOOK}{lines}\n"))
+
+
+def test_private_targets_are_allowed_when_the_route_says_so(toml: Callable[[str], str]) -> None:
+    text = f'{HOOK}url = "http://127.0.0.1:8080/h"\nsecret = "{GOOD_SECRET}"\n'
+    settings = load_settings({}, {}, toml(text + "allow_private_network = true\n"))
+    assert settings.routes[0].allow_private_network
+
+
+def test_secret_env_keeps_the_secret_out_of_the_file(toml: Callable[[str], str]) -> None:
+    text = f'{HOOK}url = "https://e.x/h"\nsecret_env = "HOOK_SECRET"\n'
+    settings = load_settings({}, {"HOOK_SECRET": GOOD_SECRET}, toml(text))
+    (route,) = settings.routes
+    assert route.secret == GOOD_SECRET
+    assert GOOD_SECRET not in repr(route) and GOOD_SECRET not in repr(settings)
+    assert signing_keys(route) == (b"secret-secret-secret-secret",)
+
+
+def test_a_malformed_secret_is_refused_when_the_relay_starts_without_echoing_it() -> None:
+    route = Route(name="hook", topics=("x",), sink="webhook", url="https://e.x", secret="whsec_%%")
+    with pytest.raises(ConfigError, match="secret #1 is not valid") as info:
+        signing_keys(route)
+    assert "%%" not in str(info.value)

@@ -42,29 +42,43 @@ def test_delivered_is_recorded_as_delivered() -> None:
 def test_permanent_failure_is_dead_at_once() -> None:
     result = Failed("permanent", "MSG_SIZE_TOO_LARGE", "too big")
     assert verdict(result, 0, 12, 1.0, 2.0) == Dead(
-        1, "MSG_SIZE_TOO_LARGE", "MSG_SIZE_TOO_LARGE: too big"
+        1, "MSG_SIZE_TOO_LARGE", "MSG_SIZE_TOO_LARGE: too big", "MSG_SIZE_TOO_LARGE"
     )
 
 
 def test_unavailable_spends_no_attempt_and_pauses() -> None:
     result = Failed("unavailable", "_TRANSPORT")
     got = verdict(result, prior_attempts=3, max_attempts=4, backoff=8.0, pause=2.5)
-    assert got == Pending(attempts=3, delay=2.5, error="_TRANSPORT", unavailable=True)
+    assert got == Pending(
+        attempts=3, delay=2.5, error="_TRANSPORT", unavailable=True, status="_TRANSPORT"
+    )
 
 
 def test_retry_counts_an_attempt_and_waits_the_backoff() -> None:
     result = Failed("retry", "http 503", "upstream busy")
     got = verdict(result, prior_attempts=2, max_attempts=12, backoff=8.0, pause=2.5)
-    assert got == Pending(attempts=3, delay=8.0, error="http 503: upstream busy")
+    assert got == Pending(attempts=3, delay=8.0, error="http 503: upstream busy", status="http 503")
     assert not got.unavailable
 
 
 def test_retry_that_reaches_max_attempts_is_dead() -> None:
     result = Failed("retry", "http 503")
     got = verdict(result, prior_attempts=11, max_attempts=12, backoff=8.0, pause=2.5)
-    assert got == Dead(12, "max attempts reached (http 503)", "http 503")
+    assert got == Dead(12, "max attempts reached (http 503)", "http 503", "http 503")
     # One attempt earlier is still a retry.
     assert isinstance(verdict(result, 10, 12, 8.0, 2.5), Pending)
+
+
+def test_gone_is_dead_at_once_and_says_the_route_is_disabled() -> None:
+    got = verdict(Failed("gone", "HTTP 410", "no such hook"), 2, 12, 8.0, 1.0)
+    assert got == Dead(
+        3, "endpoint gone (HTTP 410); route disabled", "HTTP 410: no such hook", "HTTP 410"
+    )
+
+
+def test_held_keeps_the_attempts_already_spent() -> None:
+    got = verdict(Failed("held", "held"), 4, 12, 8.0, 1.0)
+    assert got == Pending(attempts=4, delay=0.0, error=None)
 
 
 def test_unavailable_never_dead_letters_even_past_max_attempts() -> None:
@@ -105,6 +119,7 @@ def test_first_pass_without_route_is_dead_under_no_route() -> None:
         "attempts": [0],
         "reason": ["no route"],
         "error": ["no route matches topic 'stray.topic'"],
+        "status": [None],
     }
     assert p.dead_count == 1
 
@@ -154,6 +169,7 @@ def test_first_pass_delivered_and_retry_fans_out() -> None:
         "attempts": [1],
         "delay": [dt.timedelta(seconds=5)],
         "error": ["http 503"],
+        "status": [None],
     }
     assert (p.delivered_count, p.dead_count) == (1, 0)
 

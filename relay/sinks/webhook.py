@@ -1,0 +1,281 @@
+"""Webhook sink: one signed ``POST`` per message, per Standard Webhooks.
+
+Every attempt carries the same ``webhook-id`` (the message's idempotency key, or its id) and
+a fresh ``webhook-timestamp`` and ``webhook-signature``. Redirects are not followed. The
+route's lane (:mod:`relay.lanes`) decides how many requests run at once; this module only
+sends one request and says what its answer means (:func:`classify_response`).
+
+Connections go through :class:`GuardedBackend`, which resolves the host itself and refuses
+non-public addresses (:mod:`relay.sinks.ssrf`) right before connecting, so a DNS answer that
+changes after the configuration was checked cannot reach an internal service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.utils
+import logging
+import socket
+import time
+import typing
+from collections.abc import Callable, Iterable, Sequence
+
+import httpcore
+import httpx
+
+from .. import __version__
+from ..config import Route
+from .base import Delivered, Failed, FailureScope, KeyGate, Outbound, Result
+from .signature import sign
+from .ssrf import blocked_reason, literal_ip
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"outbox-relay/{__version__}"
+# Statuses the contract retries (besides 5xx); every other 4xx is dead-lettered at once.
+RETRY_STATUSES = frozenset({408, 409, 425, 429})
+# Answers about the endpoint as a whole: the route pauses instead of trying the next message.
+ENDPOINT_STATUSES = frozenset({429, 503})
+_EXCERPT = 200
+
+Resolver = Callable[[str, int], typing.Awaitable[list[str]]]
+
+
+class BlockedAddressError(Exception):
+    """The webhook's host resolves only to addresses the SSRF guard refuses."""
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, in the resolver's order."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, checking every resolved address before connecting."""
+
+    def __init__(self, resolver: Resolver = resolve) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._resolve = resolver
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await self._addresses(host, port, timeout)
+        allowed = [a for a in addresses if blocked_reason(a) is None]
+        if not allowed:
+            first = addresses[0]
+            raise BlockedAddressError(
+                f"{host} resolves to {first} ({blocked_reason(first)}); refused by the SSRF "
+                "guard (allow_private_network = true allows it)"
+            )
+        error: httpcore.ConnectError | None = None
+        for address in allowed:  # the first address that answers, like a browser would
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def _addresses(self, host: str, port: int, timeout: float | None) -> list[str]:
+        literal = literal_ip(host)
+        if literal is not None:
+            return [str(literal)]
+        try:
+            addresses = await asyncio.wait_for(self._resolve(host, port), timeout)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+        if not addresses:
+            raise httpcore.ConnectError(f"{host} resolves to no address")
+        return addresses
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise BlockedAddressError("unix sockets are not webhook targets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def transport_for(route: Route, resolver: Resolver = resolve) -> httpx.AsyncHTTPTransport:
+    """An httpx transport with a pool of ``route.concurrency`` connections.
+
+    httpx does not take a network backend, so the guarded pool replaces the transport's own
+    (``_pool``); the SSRF tests fail should a new httpx version stop using it.
+    """
+    limits = httpx.Limits(
+        max_connections=route.concurrency, max_keepalive_connections=route.concurrency
+    )
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    if route.allow_private_network:
+        return transport
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=GuardedBackend(resolver),
+    )
+    return transport
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def classify_response(status: int, headers: httpx.Headers, body: bytes = b"") -> Result:
+    """What an HTTP answer means for the message (CONTRACT section 5)."""
+    if 200 <= status < 300:
+        return Delivered()
+    reason = f"HTTP {status}"
+    detail = _excerpt(body)
+    wait = retry_after(headers.get("retry-after"))
+    if status == 410:
+        return Failed("gone", reason, detail or "the endpoint no longer exists")
+    if 300 <= status < 400:
+        where = headers.get("location", "?")
+        return Failed("retry", reason, f"redirect to {where} not followed", wait)
+    if 400 <= status < 500 and status not in RETRY_STATUSES:
+        return Failed("permanent", reason, detail)
+    scope: FailureScope = "endpoint" if status in ENDPOINT_STATUSES else "message"
+    return Failed("retry", reason, detail, wait, scope)
+
+
+def classify_error(exc: httpx.HTTPError | BlockedAddressError, timeout: float) -> Failed:
+    """A request that got no answer. Connecting failures concern the whole endpoint."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, BlockedAddressError):
+        return Failed("permanent", "blocked address", text)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return Failed("retry", "connect timeout", text, scope="endpoint")
+    if isinstance(exc, httpx.TimeoutException):
+        return Failed("retry", "timeout", f"no answer within {timeout:g} s")
+    if isinstance(exc, httpx.ConnectError):
+        refused = _caused_by(exc, ConnectionRefusedError)
+        if refused is not None:
+            return Failed("retry", "connection refused", str(refused), scope="endpoint")
+        return Failed("retry", "connect error", text, scope="endpoint")
+    return Failed("retry", "connection error", text)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` among the causes of ``exc`` (httpx wraps, anyio wraps again)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[:_EXCERPT].decode("utf-8", "replace")
+    return " ".join(text.split()) + ("..." if len(body) > _EXCERPT else "")
+
+
+class WebhookSink:
+    """Signed deliveries to one route's URL, over a pooled, guarded client."""
+
+    def __init__(
+        self,
+        route: Route,
+        keys: Sequence[bytes],
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not route.url:
+            raise ValueError(f"route {route.name!r} has no url")
+        self.route = route
+        self._url = route.url
+        self._keys = tuple(keys)
+        self._clock = clock
+        self._client = httpx.AsyncClient(
+            transport=transport or transport_for(route),
+            timeout=httpx.Timeout(route.timeout_s),
+            follow_redirects=False,
+            trust_env=False,
+            headers={"user-agent": USER_AGENT},
+        )
+        self._requests: set[asyncio.Task[Result]] = set()
+
+    def headers(self, message: Outbound) -> dict[str, str]:
+        """This attempt's headers: same id every time, fresh timestamp and signature."""
+        webhook_id = message.delivery_key
+        timestamp = int(self._clock())
+        return {
+            "content-type": message.content_type,
+            "webhook-id": webhook_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self._keys, webhook_id, timestamp, message.payload),
+            "idempotency-key": webhook_id,
+        }
+
+    async def deliver(self, message: Outbound) -> Result:
+        """One attempt; cancelled by :meth:`abort` it reports ``unavailable``."""
+        task = asyncio.ensure_future(self._post(message))
+        self._requests.add(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():  # aborted: the endpoint may or may not have it
+                return Failed("unavailable", "shutdown", "relay stopped before the answer")
+            raise
+        finally:
+            self._requests.discard(task)
+
+    async def _post(self, message: Outbound) -> Result:
+        try:
+            response = await self._client.post(
+                self._url, content=message.payload, headers=self.headers(message)
+            )
+        except (httpx.HTTPError, BlockedAddressError) as exc:
+            return classify_error(exc, self.route.timeout_s)
+        return classify_response(response.status_code, response.headers, response.content)
+
+    async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        """The batch in order, one request at a time (lanes call :meth:`deliver` instead)."""
+        gate = KeyGate()
+        results: list[Result] = []
+        for message in batch:
+            result = gate.check(message) or await self.deliver(message)
+            gate.record(message, result)
+            results.append(result)
+        return results
+
+    def abort(self) -> None:
+        for task in list(self._requests):
+            task.cancel()
+
+    async def close(self) -> None:
+        await self._client.aclose()
