@@ -30,6 +30,7 @@ from .errors import one_line
 from .lanes import Lane, LaneSettings
 from .membership import Membership
 from .plan import (
+    DISABLED,
     Dead,
     RecordPlan,
     Verdict,
@@ -397,4 +398,4 @@ _PAUSED = Failed("unavailable", "route paused", "sink unreachable; waiting befor
 
 
 def _disabled(runtime: RouteRuntime, attempts: int = 0) -> Dead:
-    return Dead(attempts, "route disabled", runtime.disabled, "disabled")
+    return Dead(attempts, DISABLED, runtime.disabled, "disabled")

@@ -27,7 +27,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 
 from .backoff import Backoff
 from .errors import one_line
-from .plan import Dead, RecordPlan, Verdict, plan_retry_pass
+from .plan import DISABLED, Dead, RecordPlan, Verdict, plan_retry_pass
 from .runtime import RouteRuntime, log_dead_letters, wait_any
 from .sinks.base import Failed, Outbound, Result
 from .sinks.webhook import WebhookSink
@@ -254,4 +254,4 @@ def _chains(messages: Sequence[Outbound]) -> list[list[Outbound]]:
 
 
 def _disabled(message: Outbound, reason: str) -> Dead:
-    return Dead(message.attempts, "route disabled", reason, "disabled")
+    return Dead(message.attempts, DISABLED, reason, "disabled")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from .sinks.base import Delivered, Failed, Outbound, Result
 
 NO_ROUTE = "no-route"
+DISABLED = "route disabled"  # the reason of dead letters of a disabled route
 
 
 @dataclass(frozen=True, slots=True)

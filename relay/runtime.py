@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .backoff import Backoff
 from .config import Route
-from .plan import NO_ROUTE, RecordPlan
+from .plan import DISABLED, NO_ROUTE, RecordPlan
 from .sinks.base import Failed, Outbound, Result, Sink
 
 log = logging.getLogger("relay.engine")
@@ -96,7 +97,9 @@ class RouteRuntime:
 
 
 def log_dead_letters(plan: RecordPlan, messages: dict[int, Outbound]) -> None:
-    """Every dead letter is logged where it is decided: an operator must see it."""
+    """Every dead letter is logged where it is decided: an operator must see it. Those of a
+    disabled route, already announced when it was disabled, are summed up per route."""
+    disabled: Counter[str] = Counter()
     for rows in (plan.finished_dead, plan.dead):
         columns = rows.columns
         for seq, route, reason, error in zip(
@@ -111,6 +114,8 @@ def log_dead_letters(plan: RecordPlan, messages: dict[int, Outbound]) -> None:
                     message.topic,
                     message.id,
                 )
+            elif reason == DISABLED:
+                disabled[str(route)] += 1
             else:
                 log.warning(
                     "message %s (topic %r) dead-lettered on route %s: %s",
@@ -119,6 +124,8 @@ def log_dead_letters(plan: RecordPlan, messages: dict[int, Outbound]) -> None:
                     route,
                     error or reason,
                 )
+    for route, count in disabled.items():
+        log.warning("route %s is disabled: %d message(s) dead-lettered", route, count)
 
 
 async def wait_any(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
