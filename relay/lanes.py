@@ -35,7 +35,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-_FLUSH_SECONDS = 0.02
+_FLUSH_SECONDS = 0.05
 _FLUSH_ROWS = 500
 _RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
@@ -79,12 +79,15 @@ class Lane:
 
     @property
     def capacity(self) -> int:
-        """Rows claimed at most: enough to keep every slot busy, few enough that none
-        waits in memory anywhere near its lease."""
+        """Rows claimed at most: enough to keep every slot busy and to make each claim worth
+        its query (at least 128), few enough that none waits in memory anywhere near its
+        lease, even when every request takes the full timeout."""
         route = self.runtime.route
-        room = 2 * route.concurrency
+        lease = self.settings.lease_seconds
+        room = max(2 * route.concurrency, 128)
+        room = min(room, int(route.concurrency * lease / (4 * route.timeout_s)))
         if route.rate_limit_per_s:
-            room = min(room, int(route.rate_limit_per_s * self.settings.lease_seconds / 4))
+            room = min(room, int(route.rate_limit_per_s * lease / 4))
         return max(1, room)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -9,6 +9,7 @@ Usage (``make bench`` runs the first line)::
         --out bench-results --database-url postgresql://... --kafka host:9092
     python -m tests.benchmarks.bench --only relay --batch-sizes 1000,2000,5000
     python -m tests.benchmarks.bench --only relay,relays --relay-counts 1,2,3 --quiet-wait 120
+    python -m tests.benchmarks.bench --only webhooks --webhook-messages 20000 --webhook-repeat 3
 
 Without ``--database-url`` / ``--kafka`` it starts an embedded PostgreSQL 18 (unix socket,
 default settings: fsync and synchronous_commit on) and an in-memory Tansu broker, and stops
@@ -47,6 +48,12 @@ latency     the relay (own process, poll_interval 1 s: the NOTIFY path) while ``
             threads publish through outbox_lib, one message per transaction, at
             ``--latency-rate`` msg/s for ``--latency-seconds``; p50/p95/p99/max of consumer
             arrival minus commit.
+webhooks    the webhook benchmark (``webhooks.py``, also runnable on its own): the relay
+            draining ``--webhook-messages`` to a fast local endpoint at each
+            ``--webhook-concurrency``, against httpx alone and a naive webhook relay, and a
+            fast route beside a slow one; ``--webhook-repeat`` runs each, median shown. Kept
+            small by default (it runs at webhook speed); its tables follow the others and it
+            writes ``<out>/webhooks.json`` and ``<out>/webhooks.png``.
 
 Each scenario also reports the CPU it used and what other processes used meanwhile: above a
 quarter of a core it is flagged NOISY (and ``--quiet-wait`` waits for quiet before each one).
@@ -66,7 +73,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -79,8 +85,9 @@ from typing import Any, TypeVar
 import confluent_kafka
 from rich.console import Console
 
-from . import report
+from . import report, webhooks
 from . import workload as w
+from .codeinfo import code_version
 from .fs_outbox import FS_WORKERS, FsConfig, faststream_outbox
 from .latency import Pace, steady_latency
 from .machine import CpuWatch, Load
@@ -88,7 +95,7 @@ from .relays import lease_cost, processes, relays_drain
 from .results import Latency, LeaseCost, Throughput, failed, median_of_runs
 from .throughput import naive_relay, raw_produce, relay_drain
 
-SCENARIOS = ("raw", "relay", "relays", "naive", "faststream", "latency")
+SCENARIOS = ("raw", "relay", "relays", "naive", "faststream", "latency", "webhooks")
 Result = Throughput | Latency | LeaseCost
 R = TypeVar("R", bound=Result)
 # Other processes using more than this many cores during a scenario make its figures suspect.
@@ -122,6 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--latency-seconds", type=float, default=20.0, help="measured publishing time")
     add("--latency-warmup", type=float, default=2.0, help="publishing time not measured")
     add("--publishers", type=int, default=1, help="publisher threads sharing the rate")
+    add("--webhook-messages", type=int, default=5000, help="backlog of the webhooks scenario")
+    add("--webhook-concurrency", default="64,16", help="route concurrency values (webhooks)")
+    add("--webhook-repeat", type=int, default=1, help="runs of each webhooks step; median kept")
     add(
         "--quiet-wait",
         type=float,
@@ -139,6 +149,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.relay_counts = [int(n) for n in args.relay_counts.split(",") if n.strip()]
     if any(n < 1 for n in args.relay_counts):
         parser.error("--relay-counts must be positive numbers of relays")
+    hooks = [c.strip() for c in args.webhook_concurrency.split(",") if c.strip()]
+    if not hooks or not all(c.isdigit() and int(c) > 0 for c in hooks):
+        parser.error("--webhook-concurrency must list positive numbers")
     return args
 
 
@@ -287,29 +300,37 @@ def environment(url: str, services_kind: str, kafka: str) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "confluent_kafka": confluent_kafka.version(),
         "librdkafka": confluent_kafka.libversion()[0],
-        "code": _code_version(),
+        "code": code_version(),
     }  # fmt: skip
-
-
-def _code_version() -> dict[str, Any]:
-    """The commit measured, and which relay/library files differed from it (read-only git)."""
-    root = Path(__file__).resolve().parents[2]
-    git = ["git", "--no-optional-locks", "-C", str(root)]
-    try:
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
-        status = subprocess.run([*git, "status", "--porcelain", "--", "relay", "outbox_lib",
-                                 "migrations"], capture_output=True, text=True, timeout=10,
-                                check=True).stdout.splitlines()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": commit, "uncommitted": [line[3:] for line in status]}
 
 
 def headline(workload: w.Workload, env: dict[str, Any]) -> str:
     return (f"{workload.messages:,} messages, {workload.keys:,} keys, {workload.payload_bytes} B "
             f"payloads, {workload.partitions} partitions; PostgreSQL "
             f"{env['postgres']['version']}, {env['cpus']} CPUs")  # fmt: skip
+
+
+def _webhook_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"messages": args.webhook_messages, "keys": args.keys,
+            "payload_bytes": args.payload_bytes,
+            "concurrency": [int(c) for c in args.webhook_concurrency.split(",") if c.strip()],
+            "repeat": args.webhook_repeat, "naive_seconds": args.naive_seconds,
+            "timeout": args.drain_timeout, "quiet_wait": args.quiet_wait}  # fmt: skip
+
+
+def _webhooks(args: argparse.Namespace, url: str, found: Services,
+              console: Console) -> webhooks.Report | None:  # fmt: skip
+    """The webhooks section: its own backlog (``--webhook-messages``), PostgreSQL only; None
+    (the traceback printed) if it cannot run, so the other scenarios' figures are kept."""
+    console.rule("webhooks")
+    given = _webhook_args(args)
+    options = webhooks.Options(**{**given, "concurrency": tuple(given["concurrency"])})
+    postgres_pid = found.pids[0] if args.database_url is None else None
+    try:
+        return webhooks.run_suite(url, postgres_pid, found.kind, options, console, args.out)
+    except Exception:
+        console.print(traceback.format_exc(), markup=False, highlight=False)
+        return None
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -329,18 +350,23 @@ def main(argv: list[str] | None = None) -> int:
         url = found.database_url
         env = environment(url, found.kind, found.bootstrap)
         console.print(f"services: {found.kind}; PostgreSQL {env['postgres']['version']}")
-        load_s = w.prepare_source(url, workload)
-        console.print(f"backlog of {workload.messages:,} generated in {load_s:.1f} s")
         target = w.Target(url, found.bootstrap, workload)
         run = Run(args, target, console, CpuWatch(found.pids))
-        try:
-            run.all()
-        finally:
-            w.drop_schema(url, w.SOURCE_SCHEMA)
+        if set(args.only) - {"webhooks"}:
+            load_s = w.prepare_source(url, workload)
+            console.print(f"backlog of {workload.messages:,} generated in {load_s:.1f} s")
+            try:
+                run.all()
+            finally:
+                w.drop_schema(url, w.SOURCE_SCHEMA)
+        hooks = _webhooks(args, url, found, console) if "webhooks" in args.only else None
     total = time.perf_counter() - began
     title = headline(workload, env)
     run.throughput = median_of_runs(run.throughput)
     report.show(console, run.throughput, run.latency, title, run.leases)
+    if hooks is not None:
+        hooks.meta = {"args": {"from": "bench.py", **_webhook_args(args)}}
+        webhooks.publish(hooks, console, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"args": {k: v for k, v in vars(args).items() if k not in ("database_url", "out")},
             "environment": env, "total_seconds": total}  # fmt: skip

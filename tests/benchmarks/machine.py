@@ -63,12 +63,14 @@ class CpuWatch:
         return others
 
     def _our_seconds(self) -> float:
-        """CPU of each root (exited children included once reaped) plus its live descendants."""
-        total = 0.0
-        for root in self._roots:
-            total += _seconds(root, with_reaped=True)
-            total += sum(_seconds(child, with_reaped=False) for child in _children(root))
-        return total
+        return sum(tree_seconds(root) for root in self._roots)
+
+
+def tree_seconds(root: psutil.Process) -> float:
+    """CPU of ``root`` (exited children included once reaped) plus its live descendants: a
+    postmaster's figure covers every backend, live or gone."""
+    total = _seconds(root, with_reaped=True)
+    return total + sum(_seconds(child, with_reaped=False) for child in _children(root))
 
 
 def _processes(pids: Iterable[int | None]) -> list[psutil.Process]:

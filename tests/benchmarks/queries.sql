@@ -98,3 +98,44 @@ SELECT b.holder, count(*) FROM {schema}.bucket_lease b
  WHERE b.successor IS NULL AND r.expires_at > now()
  GROUP BY b.holder
  ORDER BY b.holder
+
+-- Webhook benchmarks (webhooks.py).
+
+-- name: load_outbox_alternating
+-- The backlog split over two topics, alternating (odd n to %(odd)s, even n to %(even)s);
+-- with %(even)s NULL only the odd half is loaded, so a route alone gets the same messages.
+INSERT INTO {schema}.message (id, topic, msg_key, payload, content_type, headers, bucket)
+SELECT b.id, CASE WHEN b.n %% 2 = 1 THEN %(odd)s ELSE %(even)s END, b.msg_key, b.payload,
+       'application/json', b.headers, {schema}.key_bucket(b.msg_key)
+  FROM {source}.backlog AS b
+ WHERE b.n %% 2 = 1 OR %(even)s::text IS NOT NULL
+ ORDER BY b.n
+
+-- name: webhook_records
+-- The backlog as the webhook sink sends it: id (the webhook-id), key and body.
+SELECT n, id, msg_key, payload FROM {source}.backlog ORDER BY n
+
+-- name: deliveries_by_route
+SELECT route, count(*), count(DISTINCT message_id) FROM {schema}.delivery GROUP BY route
+
+-- name: leftovers
+SELECT (SELECT count(*) FROM {schema}.message), (SELECT count(*) FROM {schema}.route_pending),
+       (SELECT count(*) FROM {schema}.dead_letter)
+
+-- name: naive_webhook_claim
+SELECT seq, id, payload, content_type
+  FROM {schema}.message
+ ORDER BY seq
+ LIMIT 1
+   FOR UPDATE SKIP LOCKED
+
+-- name: naive_webhook_record
+-- The delivered message leaves the outbox and joins the delivery log, in one statement.
+WITH gone AS (
+    DELETE FROM {schema}.message WHERE seq = %(seq)s RETURNING *
+)
+INSERT INTO {schema}.delivery (message_id, seq, route, topic, msg_key, payload, content_type,
+                               headers, idempotency_key, created_at, attempts)
+SELECT g.id, g.seq, %(route)s, g.topic, g.msg_key, g.payload, g.content_type, g.headers,
+       g.idempotency_key, g.created_at, 1
+  FROM gone g

@@ -76,14 +76,14 @@ def checkpoint(url: str) -> None:
         conn.execute(query("checkpoint"))
 
 
-def prepare_source(url: str, workload: Workload) -> float:
-    """Generate the backlog once; returns the seconds it took."""
-    fresh_schema(url, SOURCE_SCHEMA)
+def prepare_source(url: str, workload: Workload, source: str = SOURCE_SCHEMA) -> float:
+    """Generate the backlog once (into schema ``source``); returns the seconds it took."""
+    fresh_schema(url, source)
     started = time.perf_counter()
     with connect(url) as conn:
         params = {"messages": workload.messages, "keys": workload.keys,
                   "payload_bytes": workload.payload_bytes}  # fmt: skip
-        conn.execute(query("create_backlog", schema=SOURCE_SCHEMA), params)
+        conn.execute(query("create_backlog", schema=source), params)
     return time.perf_counter() - started
 
 
@@ -95,13 +95,13 @@ def backlog_sizes(url: str) -> tuple[int, float, int]:
     return int(row[0]), float(row[1]), int(row[2])
 
 
-def load_outbox(url: str, schema: str, topic: str) -> float:
+def load_outbox(url: str, schema: str, topic: str, source: str = SOURCE_SCHEMA) -> float:
     """Migrate ``schema`` and fill its ``message`` table with the backlog; returns seconds."""
     fresh_schema(url, schema)
     with connect(url) as conn:
         outbox_lib.migrate(conn, schema)
         started = time.perf_counter()
-        conn.execute(query("load_outbox", schema=schema, source=SOURCE_SCHEMA), {"topic": topic})
+        conn.execute(query("load_outbox", schema=schema, source=source), {"topic": topic})
         conn.execute(query("vacuum_analyze", schema=schema, table="message"))
         return time.perf_counter() - started
 
