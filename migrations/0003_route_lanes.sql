@@ -25,3 +25,11 @@ ALTER TABLE dead_letter ADD COLUMN last_status text;
 CREATE INDEX message_first_pass_idx ON message (seq) WHERE NOT fanned;
 
 CREATE INDEX dead_letter_route_idx ON dead_letter (route, dead_at);
+
+-- route_pending is a queue too: the first pass bulk-inserts into it, and the claim's plan
+-- needs fresh statistics (lanes also ANALYZE it when a claim turns slow, see relay.lanes).
+ALTER TABLE route_pending SET (
+    autovacuum_vacuum_scale_factor = 0.01,
+    autovacuum_vacuum_insert_scale_factor = 0.05,
+    autovacuum_analyze_scale_factor = 0.02
+);

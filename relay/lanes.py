@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _FLUSH_SECONDS = 0.05
 _FLUSH_ROWS = 500
+_SLOW_CLAIM_SECONDS = 0.05
+_ANALYZE_EVERY_SECONDS = 60.0
 _RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
 
@@ -66,6 +69,7 @@ class Lane:
     _limiter: AsyncLimiter | None = None
     _slots: asyncio.Semaphore | None = None
     _saving: asyncio.Task[None] | None = None
+    _analyzed_at: float = -_ANALYZE_EVERY_SECONDS
 
     def __post_init__(self) -> None:
         route = self.runtime.route
@@ -111,9 +115,11 @@ class Lane:
                 continue
             self.wake.clear()
             try:
+                started = time.monotonic()
                 claimed = await self.store.claim_retry_pass(
                     room, self.settings.lease_seconds, [self.name]
                 )
+                await self._analyze_if_slow(time.monotonic() - started)
                 failures = 0
             except self.db_errors as exc:
                 failures += 1
@@ -124,6 +130,18 @@ class Lane:
                 self._start([m for m, _ in claimed])
             else:
                 await wait_any(stop, self.wake, await self._idle_timeout())
+
+    async def _analyze_if_slow(self, seconds: float) -> None:
+        """A slow claim means stale statistics (a backlog queued faster than autovacuum
+        analyzes): refresh them, at most once a minute."""
+        now = time.monotonic()
+        if seconds < _SLOW_CLAIM_SECONDS or now - self._analyzed_at < _ANALYZE_EVERY_SECONDS:
+            return
+        self._analyzed_at = now
+        log.info(
+            "route %s: a claim took %.0f ms; analyzing route_pending", self.name, seconds * 1e3
+        )
+        await self.store.analyze_pending()
 
     async def _idle_timeout(self) -> float:
         try:

@@ -232,6 +232,11 @@ class Store:
         value = rows[0][0] if rows else None
         return None if value is None else max(0.0, float(value))
 
+    async def analyze_pending(self) -> None:
+        """Refresh route_pending's statistics (a warning, not an error, for a non-owner)."""
+        async with self._pool.connection() as conn:
+            await conn.execute(self._q["analyze_pending"])
+
     async def disabled_routes(self) -> dict[str, str]:
         """Route name -> why it is disabled (HTTP 410, or an operator)."""
         return {str(r): str(why) for r, why in await self._fetch("disabled_routes", {})}

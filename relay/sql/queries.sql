@@ -172,6 +172,12 @@ UPDATE {schema}.message
    SET claimed_by = NULL, claimed_until = NULL
  WHERE seq = ANY(%(seqs)s::bigint[]) AND (%(relay)s::text IS NULL OR claimed_by = %(relay)s)
 
+-- name: analyze_pending
+-- Statistics for the claim's plan: the first pass can queue thousands of rows for a lane
+-- long before autovacuum analyzes them, and an unanalyzed table makes each claim scan and
+-- sort the whole backlog (250 ms a claim at 20,000 rows, 2 ms after ANALYZE).
+ANALYZE {schema}.route_pending
+
 -- name: lock_messages
 -- Before finishing routes of fanned messages: one record transaction at a time per message.
 SELECT 1 FROM {schema}.message

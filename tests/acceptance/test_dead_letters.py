@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from tests.acceptance.cli import (
     start_relay,
 )
 from tests.harness.kafka import KafkaEndpoint, consume_all, create_topic
+from tests.harness.relay import wait_until
 
 pytestmark = pytest.mark.acceptance
 
@@ -394,7 +394,7 @@ def test_a_retried_no_route_letter_is_delivered_once_a_route_covers_it(
         [{"topic": topic_name, "payload": {"n": 1}, "key": "k1", "idempotency_key": "idem-1"}],
     )
     with start_relay("--config", str(orders_only), env=_env(database_url)) as relay:
-        _wait_until(lambda: _dead_count(database_url) == 1, 15, "the no-route dead letter")
+        wait_until(lambda: _dead_count(database_url) == 1, 15, "the no-route dead letter")
         assert relay.stop() == 0, relay.output
     assert query(database_url, "SELECT route, reason FROM outbox.dead_letter") == [
         ("no-route", "no route")
@@ -411,7 +411,7 @@ def test_a_retried_no_route_letter_is_delivered_once_a_route_covers_it(
         assert out.startswith("retried 2 dead letter(s)"), out
         records = consume_all(kafka.bootstrap, topic_name, expected=2, timeout=30)
         assert len(records) == 2, relay.output
-        _wait_until(
+        wait_until(
             lambda: scalar(database_url, "SELECT count(*) FROM outbox.delivery") == 2,
             10,
             "both deliveries recorded",
@@ -430,11 +430,3 @@ def test_a_retried_no_route_letter_is_delivered_once_a_route_covers_it(
     assert set(query(database_url, "SELECT message_id, route FROM outbox.delivery")) == {
         (lost, "kafka"), (refused, "kafka"),
     }  # fmt: skip
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
