@@ -20,11 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import psycopg
-from psycopg_pool import PoolTimeout
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
-
-from .backoff import Backoff
 from .config import Settings
 from .errors import one_line
 from .lanes import Lane, LaneSettings
@@ -42,14 +37,12 @@ from .plan import (
 from .runtime import MAX_RETRY_AFTER, OUTAGE_BACKOFF, RouteRuntime, log_dead_letters, wait_any
 from .sinks.base import Failed, Outbound, Result
 from .sinks.webhook import WebhookSink
-from .store import HeldBatch, Store, listen
+from .store import DB_ERRORS, HeldBatch, Store, listen
 
 log = logging.getLogger(__name__)
 
 Item = tuple[int, str]  # (message seq, route name)
 SendResults = list[tuple[str, list[tuple[Outbound, Result]]]]
-DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
-_RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
 
 @dataclass
@@ -80,7 +73,7 @@ class Engine:
             self.settings.lease_seconds, self.settings.poll_interval, self.settings.shutdown_grace
         )
         self.lanes = [
-            Lane(r, r.sink, self.store, lane_settings, self._judge_for(r), self._count, DB_ERRORS)
+            Lane(r, r.sink, self.store, lane_settings, self._judge_for(r), self._count)
             for r in self.routes
             if r.is_lane and isinstance(r.sink, WebhookSink)
         ]
@@ -352,15 +345,7 @@ class Engine:
 
     async def _record(self, plan: RecordPlan) -> None:
         """Write the outcome; ride out a short database outage rather than redeliver."""
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(self.settings.lease_seconds * 0.8),
-            wait=_RECORD_BACKOFF.delay_strategy,
-            retry=retry_if_exception_type(DB_ERRORS),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                await self.store.record(plan)
+        await self.store.record_patiently(plan, self.settings.lease_seconds * 0.8)
         self._count(plan)
 
     def _count(self, plan: RecordPlan) -> None:

@@ -24,15 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 
-from .backoff import Backoff
 from .errors import one_line
 from .plan import DISABLED, Dead, RecordPlan, Verdict, plan_retry_pass
 from .runtime import RouteRuntime, log_dead_letters, wait_any
 from .sinks.base import Failed, Outbound, Result
 from .sinks.webhook import WebhookSink
-from .store import Store
+from .store import DB_ERRORS, RECORD_BACKOFF, Store
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,6 @@ _FLUSH_SECONDS = 0.05
 _FLUSH_ROWS = 500
 _SLOW_CLAIM_SECONDS = 0.05
 _ANALYZE_EVERY_SECONDS = 60.0
-_RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
 
 @dataclass
@@ -60,7 +57,6 @@ class Lane:
     settings: LaneSettings
     judge: Callable[[Outbound, Result], Verdict]
     on_recorded: Callable[[RecordPlan], None]
-    db_errors: tuple[type[BaseException], ...]
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: int = 0
     _done: list[tuple[Outbound, Verdict]] = field(default_factory=list)
@@ -121,10 +117,10 @@ class Lane:
                 )
                 await self._analyze_if_slow(time.monotonic() - started)
                 failures = 0
-            except self.db_errors as exc:
+            except DB_ERRORS as exc:
                 failures += 1
                 log.warning("route %s: database unavailable (%s)", self.name, one_line(exc))
-                await wait_any(stop, None, _RECORD_BACKOFF.delay(failures))
+                await wait_any(stop, None, RECORD_BACKOFF.delay(failures))
                 continue
             if claimed:
                 self._start([m for m, _ in claimed])
@@ -146,7 +142,7 @@ class Lane:
     async def _idle_timeout(self) -> float:
         try:
             due = await self.store.seconds_until_due([self.name])
-        except self.db_errors:
+        except DB_ERRORS:
             return self.settings.poll_interval
         if due is None:
             return self.settings.poll_interval
@@ -210,10 +206,10 @@ class Lane:
         while (reason := self.runtime.unsaved_disable) is not None:
             try:
                 await self.store.disable_route(self.name, reason)
-            except self.db_errors as exc:
+            except DB_ERRORS as exc:
                 failures += 1
                 log.warning("route %s: could not save the disable (%s)", self.name, one_line(exc))
-                await asyncio.sleep(_RECORD_BACKOFF.delay(failures))
+                await asyncio.sleep(RECORD_BACKOFF.delay(failures))
             else:
                 self.runtime.disable_saved()
 
@@ -229,17 +225,9 @@ class Lane:
     async def _flush(self) -> None:
         done, self._done = self._done[:_FLUSH_ROWS], self._done[_FLUSH_ROWS:]
         plan = plan_retry_pass([(m, self.name) for m, _ in done], [v for _, v in done])
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(self.settings.lease_seconds * 0.8),
-            wait=_RECORD_BACKOFF.delay_strategy,
-            retry=retry_if_exception_type(self.db_errors),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    await self.store.record(plan)
-        except self.db_errors as exc:
+            await self.store.record_patiently(plan, self.settings.lease_seconds * 0.8)
+        except DB_ERRORS as exc:
             # The leases stay: these rows come back after the lease, delivered twice at worst.
             log.error("route %s: could not record %d outcomes (%s)", self.name, len(done), exc)
         else:

@@ -18,15 +18,21 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg.types.json import set_json_loads
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 
 from outbox_lib._encoding import decode_headers
 from outbox_lib._sqlfiles import load_queries, with_schema
 
+from .backoff import Backoff
 from .plan import RecordPlan, Rows
 from .sinks.base import Outbound
 
 log = logging.getLogger(__name__)
+
+# What a lost or unreachable database raises; callers back off and try again.
+DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
 Key = tuple[str, str, bytes]
 
@@ -177,6 +183,19 @@ class Store:
         """Write a plan in one transaction, for rows leased to this relay."""
         async with self._pool.connection() as conn, conn.transaction():
             await self.write(conn, plan, self.relay_id)
+
+    async def record_patiently(self, plan: RecordPlan, within: float) -> None:
+        """:meth:`record`, riding out a database outage of up to ``within`` seconds rather
+        than letting the leased rows be delivered again; then the error is raised."""
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(within),
+            wait=RECORD_BACKOFF.delay_strategy,
+            retry=retry_if_exception_type(DB_ERRORS),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self.record(plan)
 
     async def write(
         self, conn: psycopg.AsyncConnection[Any], plan: RecordPlan, holder: str | None

@@ -20,10 +20,9 @@ from outbox_lib import Outbox
 from tests.acceptance.cli import run_cli
 from tests.harness.relay import RelayProcess, scalar, wait_until
 from tests.harness.webhook import Reply, WebhookServer, new_secret, refused_url
+from tests.integration.test_faults import FAST_TAKEOVER
 
 pytestmark = pytest.mark.integration
-
-FAST_TAKEOVER = {"OUTBOX_BUCKET_LEASE_SECONDS": "3", "OUTBOX_HEARTBEAT_SECONDS": "0.5"}
 
 
 def hook_config(tmp_path: Path, *routes: str) -> str:
