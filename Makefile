@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test unit lint format bench clean
+.PHONY: install demo test unit lint format bench clean prometheus-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# promtool and prometheus, for the tests of deploy/ (alert rules, dashboard): Debian's
+# package has both. Checked on every run (cheap) since a cached .venv says nothing about
+# them; `apt-get update` only if the install fails. Where they cannot be installed (no
+# apt-get, no root, sudo wants a password) those tests skip, or fail when CI is set.
+PROMETHEUS_APT := apt-get install -y --no-install-recommends prometheus
+prometheus-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; else sudo="sudo -n"; command -v sudo >/dev/null || sudo=no; fi; \
+	  if command -v apt-get >/dev/null && [ "$$sudo" != no ]; then \
+	    echo "installing Debian's prometheus package (promtool, prometheus)"; \
+	    apt="$$sudo env DEBIAN_FRONTEND=noninteractive"; \
+	    $$apt $(PROMETHEUS_APT) || { $$apt apt-get update -q && $$apt $(PROMETHEUS_APT); }; \
+	  fi; \
+	  command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	    echo "prometheus/promtool missing: tests of deploy/ will skip (fail if CI is set)" >&2; \
+	    [ -z "$$CI" ]; }; }
+
 demo: $(STAMP)
 	$(BIN)/outbox-relay demo
 
@@ -24,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check outbox_lib relay tests
 	$(BIN)/mypy
 
-test: lint
+test: lint prometheus-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP)

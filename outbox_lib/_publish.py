@@ -3,6 +3,10 @@
 One code path serves the four SQLAlchemy entry points (``Session``, ``Connection``,
 ``AsyncSession``, ``AsyncConnection``): validation and encoding happen first, then a single
 call to the ``enqueue`` SQL function, which the SQL ``publish`` function uses too.
+
+The active OpenTelemetry span's ``traceparent`` is added to the headers on the way
+(:mod:`._tracecontext`). The SQL function cannot see the caller's span: SQL writers pass
+``traceparent`` in its ``headers`` argument themselves.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ._errors import (
     UnsupportedSessionError,
 )
 from ._sqlfiles import load_queries, with_schema
+from ._tracecontext import with_trace_context
 
 Headers = Mapping[str, str | bytes]
 SyncTarget = Session | Connection | scoped_session[Any]
@@ -110,6 +115,7 @@ class Outbox:
     def _params(
         self, topic: object, payload: object, key: object, headers: object, idem: object
     ) -> dict[str, object]:
+        headers = with_trace_context(headers)
         msg = encode_message(topic, payload, key, headers, idem, self.max_payload_bytes)
         return _bind_values(msg)
 
@@ -217,7 +223,9 @@ def publish(
             outbox_lib.publish(session, "orders.created", {"order_id": 7}, key="7")
 
     Publishing again with the same topic and ``idempotency_key`` returns the first message's id
-    and delivers nothing new.
+    and delivers nothing new. Inside an OpenTelemetry span (the ``otel`` extra), the span's W3C
+    ``traceparent`` and ``tracestate`` are stored among the headers, unless ``headers`` already
+    has a ``traceparent``.
     """
     return _DEFAULT.publish(
         session, topic, payload, key=key, headers=headers, idempotency_key=idempotency_key

@@ -15,11 +15,14 @@ from psycopg_pool import PoolTimeout
 
 from outbox_lib import DatabaseUnavailableError, SchemaNotMigratedError
 
+from . import tracing
 from .backoff import Backoff
 from .config import Route, Settings, order_warnings, signing_keys
 from .db import describe_connect_error, redact, to_libpq
 from .engine import Engine, Stats
 from .errors import ConfigError
+from .health import Health, MetricsServer, Observer
+from .logs import tag_relay
 from .membership import Membership
 from .runtime import RouteRuntime
 from .sinks.base import Sink
@@ -29,7 +32,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def new_relay_id() -> str:
@@ -116,6 +119,7 @@ async def run_relay(
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is not given)."""
     routes = build_routes(settings)
     relay_id = new_relay_id()
+    tag_relay(relay_id)
     lanes = sum(1 for r in routes if r.is_lane)
     store = await open_store(settings, relay_id, lanes)
     try:
@@ -124,23 +128,33 @@ async def run_relay(
         await store.close()
         raise
     engine = Engine(settings, store, routes, membership)
+    tracing.install(settings.otel_spans, [store, *(r.sink for r in routes)])
     stop = stop or _stop_on_signals(engine, settings.shutdown_grace)
     for warning in order_warnings(settings):
         log.warning("kafka: %s", warning)
-    if settings.metrics_port is not None:
-        log.warning("--metrics-port is not served yet (observability release); ignoring it")
+    try:
+        server, observing = _observe(settings, engine, stop)
+    except BaseException:
+        await membership.close()
+        await store.close()
+        raise
     log.info(
-        "relay %s started: %d route(s), schema %s, %d key bucket(s)",
+        "relay %s started: %d route(s), schema %s, %d key bucket(s)%s",
         relay_id,
         len(routes),
         settings.schema,
         len(membership.buckets),
+        f", metrics on port {server.port}" if server else "",
     )
     if on_start:
         on_start(engine)
     try:
         await engine.run(stop, to_libpq(settings.require_database_url()))
     finally:
+        if observing is not None:
+            await asyncio.gather(observing, return_exceptions=True)
+        if server is not None:
+            server.close()
         await membership.close()
         await store.close()
     log.info(
@@ -150,6 +164,26 @@ async def run_relay(
         engine.stats.dead,
     )
     return engine.stats
+
+
+def _observe(
+    settings: Settings, engine: Engine, stop: asyncio.Event
+) -> tuple[MetricsServer | None, asyncio.Task[None] | None]:
+    """Serve /metrics, /healthz and /readyz, and keep them fresh, if a port is set."""
+    if settings.metrics_port is None:
+        return None, None
+    health = Health()
+    server = MetricsServer(settings.metrics_port, engine.metrics, health)
+    observer = Observer(
+        engine.metrics,
+        health,
+        engine.store,
+        engine.routes,
+        engine.membership,
+        settings.metrics_refresh_seconds,
+    )
+    engine.health, engine.metrics_port = health, server.port
+    return server, asyncio.create_task(observer.run(stop))
 
 
 def _abort_sinks(engine: Engine) -> None:

@@ -62,6 +62,13 @@ def _log_format(text: str) -> str:
     return text
 
 
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in {"true", "false", "1", "0", "yes", "no", "on", "off"}:
+        raise ValueError("must be true or false")
+    return value in {"true", "1", "yes", "on"}
+
+
 def _schema(text: str) -> str:
     try:
         return check_schema_name(text)
@@ -92,6 +99,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("schema", _schema, "outbox", "schema holding the outbox tables"),
     Option("kafka_bootstrap_servers", str, None, "Kafka bootstrap servers (host:port,...)"),
     Option("metrics_port", _port, None, "port serving /metrics, /healthz and /readyz"),
+    Option(
+        "metrics_refresh_seconds",
+        _seconds,
+        5.0,
+        "how often lag, pending and dead-letter gauges and readiness are refreshed",
+    ),
     Option("batch_size", _positive_int, 2000, "messages claimed per batch"),
     Option("lease_seconds", _seconds, 120.0, "how long a claim is held before others may retry it"),
     Option(
@@ -111,6 +124,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_grace", _seconds, 10.0, "time given to in-flight sends on SIGTERM"),
     Option("log_level", _log_level, "INFO", "debug, info, warning or error"),
     Option("log_format", _log_format, "text", "text or json"),
+    Option(
+        "otel_spans",
+        _switch,
+        False,
+        "record OpenTelemetry spans of claims and deliveries: true or false (needs the otel extra)",
+    ),
 )
 OPTION_BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -178,6 +197,7 @@ class Settings:
     schema: str = "outbox"
     kafka_bootstrap_servers: str | None = None
     metrics_port: int | None = None
+    metrics_refresh_seconds: float = 5.0
     batch_size: int = 2000
     lease_seconds: float = 120.0
     hold_seconds: float = 5.0
@@ -187,6 +207,7 @@ class Settings:
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"
+    otel_spans: bool = False
     kafka_producer: Mapping[str, ProducerValue] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
 

@@ -1,8 +1,10 @@
-"""``outbox-relay dead-letters list|retry``.
+"""``outbox-relay dead-letters list|retry|discard``.
 
 A dead letter is one (message, route) the relay gave up on, with a full copy of the message.
-Retrying it puts the message back in ``message`` with its id, idempotency key, key and bucket
-(so consumers and webhook receivers see the same ``idempotency-key``/``webhook-id``):
+Discarding it keeps the row for audit (until ``purge``) but takes it out of every count, list
+and retry; only live (not discarded) letters are retried or discarded. Retrying it puts the
+message back in ``message`` with its id, idempotency key, key and bucket (so consumers and
+webhook receivers see the same ``idempotency-key``/``webhook-id``):
 
 - for a real route, only that route gets it again: the message comes back already fanned,
   with a ``route_pending`` row due now and its attempts reset;
@@ -10,6 +12,7 @@ Retrying it puts the message back in ``message`` with its id, idempotency key, k
   relays route it with the routes they have now: add a route, then retry.
 
 Everything happens in one transaction; see ``ops_retry_dead_letters`` in ``sql/queries.sql``.
+A dry run (``preview``) counts what a retry or discard would take and changes nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import datetime as dt
 import json
 import sys
 import uuid
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -27,6 +30,7 @@ from rich.table import Table
 
 from .db import schema_required
 from .errors import NotFoundError
+from .moments import When, resolve
 from .plan import NO_ROUTE
 from .store import relay_queries
 from .tables import cell, console, shorten, when
@@ -45,9 +49,13 @@ class DeadLetter:
     dead_at: dt.datetime
     created_at: dt.datetime
     idempotency_key: str | None
+    discarded_at: dt.datetime | None = None
+    discarded_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The contract's fields; a discarded letter adds ``discarded_at`` and
+        ``discarded_reason``."""
+        document = {
             "id": str(self.id),
             "route": self.route,
             "topic": self.topic,
@@ -60,6 +68,10 @@ class DeadLetter:
             "created_at": self.created_at.isoformat(),
             "idempotency_key": self.idempotency_key,
         }
+        if self.discarded_at is not None:
+            document["discarded_at"] = self.discarded_at.isoformat()
+            document["discarded_reason"] = self.discarded_reason
+        return document
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,23 +84,58 @@ class Page:
 
 @dataclass(frozen=True, slots=True)
 class Selection:
-    """Which dead letters to retry; every field ``None`` means all of them."""
+    """Which dead letters; every field ``None`` means all of them.
+
+    ``since``: dead-lettered at or after that time (or within that long ago). ``upto``:
+    dead-lettered at or before that time (set by :func:`preview` for a confirmed discard).
+    """
 
     id: uuid.UUID | None = None
     topic: str | None = None
     route: str | None = None
+    since: When | None = None
+    upto: dt.datetime | None = None
 
-    def params(self) -> dict[str, Any]:
-        return {"id": self.id, "topic": self.topic, "route": self.route}
+    def params(self, conn: psycopg.Connection[Any], schema: str) -> dict[str, Any]:
+        """Query parameters, with ``since`` on the database's clock."""
+        since = resolve(conn, schema, self.since)
+        return {
+            "id": self.id, "topic": self.topic, "route": self.route,
+            "since": since, "upto": self.upto,
+        }  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class Retried:
-    """What a retry revived: dead letters per route, and the routes that are disabled."""
+    """What a retry revived (or a preview counted): dead letters per route, how many
+    messages they are, and which of their routes are disabled."""
 
     per_route: dict[str, int] = field(default_factory=dict)
     messages: int = 0
     disabled: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def letters(self) -> int:
+        return sum(self.per_route.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """What a retry or discard of ``selection`` would take, counted at one moment.
+
+    ``selection`` is the one counted, its ``since`` fixed and ``upto`` the time of the count:
+    discarding it after a confirmation takes no letter dead-lettered in between.
+    """
+
+    selection: Selection
+    counted: Retried
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """Dead letters discarded, per route."""
+
+    per_route: dict[str, int] = field(default_factory=dict)
 
     @property
     def letters(self) -> int:
@@ -108,14 +155,16 @@ def show_key(key: bytes | None) -> str | None:
 def list_dead_letters(
     conn: psycopg.Connection[Any],
     schema: str,
+    selection: Selection | None = None,
     *,
-    topic: str | None = None,
-    route: str | None = None,
     limit: int = 100,
+    discarded: bool = False,
 ) -> Page:
-    """Newest first, at most ``limit``."""
-    params = {"topic": topic, "route": route, "limit": limit}
+    """Live letters (or the ``discarded`` ones) of ``selection``, newest first, at most
+    ``limit``."""
     with schema_required(schema):
+        params = (selection or Selection()).params(conn, schema)
+        params |= {"limit": limit, "discarded": discarded}
         rows = conn.execute(relay_queries(schema)["ops_list_dead_letters"], params).fetchall()
     letters = [
         DeadLetter(id_, route_, topic_, None if key is None else bytes(key), *rest)
@@ -124,52 +173,98 @@ def list_dead_letters(
     return Page(letters, int(rows[0][-1]) if rows else 0)
 
 
-def retry_dead_letters(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Retried:
-    """Revive the selected dead letters in one transaction and wake the relays.
+def preview(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Preview:
+    """Count what retrying or discarding ``selection`` would take; change nothing.
 
-    Raises :class:`NotFoundError` when ``selection.id`` names no dead letter.
+    Raises :class:`NotFoundError` when ``selection.id`` names no live dead letter.
+    """
+    queries = relay_queries(schema)
+    with schema_required(schema):
+        params = selection.params(conn, schema)
+        rows = conn.execute(queries["ops_count_dead_letters"], params).fetchall()
+        if not rows:
+            _check_found(selection)
+            return Preview(replace(selection, since=params["since"]), Retried())
+        per_route = {str(route): int(count) for route, count, _, _ in rows}
+        disabled = _disabled_among(conn, schema, per_route)
+    counted = Retried(per_route, int(rows[0][2]), disabled)
+    return Preview(replace(selection, since=params["since"], upto=rows[0][3]), counted)
+
+
+def retry_dead_letters(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Retried:
+    """Revive the selected live dead letters in one transaction and wake the relays.
+
+    Raises :class:`NotFoundError` when ``selection.id`` names no live dead letter.
     """
     queries = relay_queries(schema)
     with schema_required(schema), conn.transaction():
-        rows = conn.execute(queries["ops_retry_dead_letters"], selection.params()).fetchall()
+        params = selection.params(conn, schema)
+        rows = conn.execute(queries["ops_retry_dead_letters"], params).fetchall()
         if not rows:
-            if selection.id is not None:
-                raise NotFoundError(_no_such_letter(selection))
+            _check_found(selection)
             return Retried()
         per_route = {str(route): int(count) for route, count, _, _ in rows}
-        disabled = conn.execute(
-            queries["ops_disabled_routes_among"], {"routes": list(per_route)}
-        ).fetchall()
+        disabled = _disabled_among(conn, schema, per_route)
         conn.execute(queries["ops_wake_relays"])
-    return Retried(per_route, int(rows[0][2]), {str(r): why for r, why in disabled})
+    return Retried(per_route, int(rows[0][2]), disabled)
 
 
-def _no_such_letter(selection: Selection) -> str:
-    where = f" on route {selection.route}" if selection.route is not None else ""
-    return f"no dead letter has id {selection.id}{where}"
+def discard_dead_letters(
+    conn: psycopg.Connection[Any], schema: str, selection: Selection, reason: str | None = None
+) -> Discarded:
+    """Mark the selected live dead letters discarded (now, with ``reason``).
+
+    Raises :class:`NotFoundError` when ``selection.id`` names no live dead letter.
+    """
+    note = reason.strip() if reason and reason.strip() else None
+    with schema_required(schema):
+        params = selection.params(conn, schema) | {"reason": note}
+        query = relay_queries(schema)["ops_discard_dead_letters"]
+        rows = conn.execute(query, params).fetchall()
+    if not rows:
+        _check_found(selection)
+    return Discarded({str(route): int(count) for route, count in rows})
 
 
-def print_page(page: Page, *, as_json: bool) -> None:
+def _disabled_among(
+    conn: psycopg.Connection[Any], schema: str, routes: Collection[str]
+) -> dict[str, str | None]:
+    query = relay_queries(schema)["ops_disabled_routes_among"]
+    rows = conn.execute(query, {"routes": list(routes)}).fetchall()
+    return {str(route): why for route, why in rows}
+
+
+def _check_found(selection: Selection) -> None:
+    if selection.id is not None:
+        where = f" on route {selection.route}" if selection.route is not None else ""
+        raise NotFoundError(f"no dead letter has id {selection.id}{where}")
+
+
+def print_page(page: Page, *, as_json: bool, discarded: bool = False) -> None:
     if as_json:
         print(json.dumps([letter.to_json() for letter in page.letters], indent=2))
         return
     if not page.letters:
-        print("(no dead letters)")
+        print("(no discarded dead letters)" if discarded else "(no dead letters)")
         return
-    console().print(_table(page.letters))
+    console().print(_table(page.letters, discarded=discarded))
     if page.total > len(page.letters):
         print(f"showing {len(page.letters)} of {page.total}; use --limit")
 
 
-def _table(letters: list[DeadLetter]) -> Table:
-    table = Table(title="dead letters (newest first)")
+def _table(letters: list[DeadLetter], *, discarded: bool = False) -> Table:
+    title = "discarded dead letters" if discarded else "dead letters"
+    table = Table(title=f"{title} (newest first)")
     for name in ("id", "route", "topic", "key"):
         table.add_column(name, no_wrap=name == "id")
     table.add_column("attempts", justify="right")
     for name in ("last status", "reason", "last error", "dead at"):
         table.add_column(name, no_wrap=name == "dead at")
+    if discarded:
+        table.add_column("discarded at", no_wrap=True)
+        table.add_column("why discarded")
     for letter in letters:
-        table.add_row(
+        row = [
             cell(letter.id),
             cell(letter.route),
             cell(letter.topic),
@@ -179,11 +274,16 @@ def _table(letters: list[DeadLetter]) -> Table:
             cell(letter.reason),
             cell(shorten(letter.last_error)),
             cell(when(letter.dead_at)),
-        )
+        ]
+        if discarded:
+            row += [cell(when(letter.discarded_at)), cell(shorten(letter.discarded_reason))]
+        table.add_row(*row)
     return table
 
 
-def print_retried(retried: Retried, configured: Collection[str] = ()) -> None:
+def print_retried(
+    retried: Retried, configured: Collection[str] = (), *, dry_run: bool = False
+) -> None:
     """The outcome on stdout; disabled or unconfigured routes as warnings on stderr.
 
     ``configured`` names the routes of the loaded configuration, if any: a revived letter of
@@ -192,20 +292,42 @@ def print_retried(retried: Retried, configured: Collection[str] = ()) -> None:
     if not retried.letters:
         print("no dead letters to retry")
         return
-    routes = ", ".join(f"{route}: {count}" for route, count in retried.per_route.items())
-    print(f"retried {retried.letters} dead letter(s) as {retried.messages} message(s) ({routes})")
+    done = "would retry" if dry_run else "retried"
+    print(
+        f"{done} {retried.letters} dead letter(s) as {retried.messages} message(s) "
+        f"({_per_route(retried.per_route)})"
+    )
     for route in retried.disabled:
-        _warn(
+        warn(
             f"route {route} is disabled; run `outbox-relay routes enable {route}` "
             "or its messages will be dead-lettered again"
         )
     for route in retried.per_route:
-        if configured and route != NO_ROUTE and route not in configured:
-            _warn(
-                f"route {route} is not in the loaded configuration; its retried messages "
-                "wait until a relay that has this route runs"
-            )
+        if route != NO_ROUTE:
+            warn_unconfigured(route, configured, "retried")
 
 
-def _warn(text: str) -> None:
+def print_discarded(discarded: Discarded, *, dry_run: bool = False) -> None:
+    if not discarded.letters:
+        print("no dead letters to discard")
+        return
+    done = "would discard" if dry_run else "discarded"
+    print(f"{done} {discarded.letters} dead letter(s) ({_per_route(discarded.per_route)})")
+
+
+def _per_route(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{route}: {count}" for route, count in counts.items())
+
+
+def warn_unconfigured(route: str, configured: Collection[str], what: str) -> None:
+    """Warn when a configuration is loaded and ``route`` is not in it: the messages would
+    wait in ``route_pending`` until a relay that has the route runs."""
+    if configured and route not in configured:
+        warn(
+            f"route {route} is not in the loaded configuration; its {what} messages "
+            "wait until a relay that has this route runs"
+        )
+
+
+def warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr)

@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 
 from .config import Settings
 from .errors import one_line
+from .health import Health
 from .lanes import Lane, LaneSettings
 from .membership import Membership
+from .metrics import Metrics
 from .plan import (
     DISABLED,
+    PAUSED,
     Dead,
     RecordPlan,
     Verdict,
@@ -67,13 +70,20 @@ class Engine:
     _matches: dict[str, list[RouteRuntime]] = field(default_factory=dict)
     _stop: asyncio.Event | None = None
     _routes_checked: float = 0.0
+    metrics: Metrics = field(init=False)
+    health: Health | None = None  # set when /readyz is served
+    metrics_port: int | None = None  # the port bound (the setting may say 0: any free port)
 
     def __post_init__(self) -> None:
+        self.metrics = Metrics(self.store.relay_id, self.store.schema)
+        self.metrics.add_routes({r.route.name: r.route.sink for r in self.routes})
         lane_settings = LaneSettings(
             self.settings.lease_seconds, self.settings.poll_interval, self.settings.shutdown_grace
         )
         self.lanes = [
-            Lane(r, r.sink, self.store, lane_settings, self._judge_for(r), self._count)
+            Lane(
+                r, r.sink, self.store, lane_settings, self._judge_for(r), self._count, self.metrics
+            )
             for r in self.routes
             if r.is_lane and isinstance(r.sink, WebhookSink)
         ]
@@ -178,9 +188,7 @@ class Engine:
         if inline and not active and len(inline) == len(self.routes):
             await self._settle_prefetch(keep=False)  # hold no locks across a pause
             return 0
-        held = await self._take_prefetched() or await self.store.hold_first_pass(
-            self.settings.batch_size
-        )
+        held = await self._take_prefetched() or await self._hold_first_pass()
         first = held.messages
         pending = await self.store.any_route_pending()
         if first:
@@ -190,14 +198,22 @@ class Engine:
         retry: list[tuple[Outbound, str]] = []
         if pending:
             names = [r.route.name for r in active]
+            started = time.monotonic()
             retry = await self.store.claim_retry_pass(
                 self.settings.batch_size, self.settings.lease_seconds, names
             )
+            self.metrics.claimed("retry", len(retry), time.monotonic() - started)
         if retry:
             await self._retry_pass(retry)
         self.stats.batches += 1
         self.stats.claimed += len(first) + len(retry)
         return max(len(first), len(retry))
+
+    async def _hold_first_pass(self) -> HeldBatch:
+        started = time.monotonic()
+        held = await self.store.hold_first_pass(self.settings.batch_size)
+        self.metrics.claimed("first", len(held.messages), time.monotonic() - started)
+        return held
 
     async def _take_prefetched(self) -> HeldBatch | None:
         task, self._prefetch = self._prefetch, None
@@ -222,10 +238,12 @@ class Engine:
             await held.abandon()
             raise
         if done:
+            started = time.monotonic()
             await held.commit(plan)
+            self.metrics.record_took("first", time.monotonic() - started)
             self._count(plan)
         else:
-            await self._record(plan)
+            await self._record(plan, "first")
         log_dead_letters(plan, {m.seq: m for m in held.messages})
 
     async def _settle_prefetch(self, keep: bool) -> None:
@@ -290,9 +308,7 @@ class Engine:
         recorded, so its blocked-key check sees whatever this batch left pending.
         """
         if claimed >= self.settings.batch_size and not self._stopping():
-            self._prefetch = asyncio.ensure_future(
-                self.store.hold_first_pass(self.settings.batch_size)
-            )
+            self._prefetch = asyncio.ensure_future(self._hold_first_pass())
 
     async def _retry_pass(self, claimed: list[tuple[Outbound, str]]) -> None:
         to_send: dict[str, list[Outbound]] = {}
@@ -306,7 +322,7 @@ class Engine:
         self._judge_all(await self._send_all(to_send), by_item)
         verdicts = [by_item[(m.seq, n)] for m, n in claimed]
         plan = plan_retry_pass(claimed, verdicts)
-        await self._record(plan)
+        await self._record(plan, "retry")
         log_dead_letters(plan, {m.seq: m for m, _ in claimed})
 
     def _runtime(self, name: str) -> RouteRuntime:
@@ -343,14 +359,18 @@ class Engine:
             result, message.attempts, runtime.route.max_attempts, backoff, runtime.pause_left()
         )
 
-    async def _record(self, plan: RecordPlan) -> None:
+    async def _record(self, plan: RecordPlan, pass_: str) -> None:
         """Write the outcome; ride out a short database outage rather than redeliver."""
+        started = time.monotonic()
         await self.store.record_patiently(plan, self.settings.lease_seconds * 0.8)
+        self.metrics.record_took(pass_, time.monotonic() - started)
         self._count(plan)
 
     def _count(self, plan: RecordPlan) -> None:
+        """Every recorded plan comes here (both passes and the lanes), once committed."""
         self.stats.delivered += plan.delivered_count
         self.stats.dead += plan.dead_count
+        self.metrics.recorded(plan)
 
     async def _shutdown(self) -> None:
         if self._prefetch is not None:
@@ -379,7 +399,7 @@ class Engine:
             await runtime.sink.close()
 
 
-_PAUSED = Failed("unavailable", "route paused", "sink unreachable; waiting before the next try")
+_PAUSED = Failed("unavailable", PAUSED, "sink unreachable; waiting before the next try")
 
 
 def _disabled(runtime: RouteRuntime, attempts: int = 0) -> Dead:

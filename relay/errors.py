@@ -7,6 +7,7 @@
         ├── ConfigError (also outbox_lib.ConfigurationError)   a flag, variable or file is invalid
         ├── SinkError                                          a sink could not be set up
         ├── NotFoundError                                      an operator command named nothing
+        ├── UsageError                                         a command line that cannot run
         └── EmbeddedServiceError                               the demo's embedded services failed
 
 The CLI prints any ``OutboxError`` as one line (exit 2 for bad input, 1 for runtime failure).
@@ -37,6 +38,11 @@ class SinkError(RelayError):
 
 class NotFoundError(RelayError):
     """An operator command named something that does not exist (e.g. a dead letter's id)."""
+
+
+class UsageError(RelayError):
+    """A command line that cannot run as given, found after parsing (e.g. ``discard``
+    without a terminal to confirm on and without ``--yes``): exit 2, like a wrong flag."""
 
 
 class EmbeddedServiceError(RelayError):

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from aiolimiter import AsyncLimiter
 
 from .errors import one_line
-from .plan import DISABLED, Dead, RecordPlan, Verdict, plan_retry_pass
+from .metrics import Metrics
+from .plan import DISABLED, PAUSED, Dead, RecordPlan, Verdict, plan_retry_pass
 from .runtime import RouteRuntime, log_dead_letters, wait_any
 from .sinks.base import Failed, Outbound, Result
 from .sinks.webhook import WebhookSink
@@ -57,6 +58,7 @@ class Lane:
     settings: LaneSettings
     judge: Callable[[Outbound, Result], Verdict]
     on_recorded: Callable[[RecordPlan], None]
+    metrics: Metrics
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: int = 0
     _done: list[tuple[Outbound, Verdict]] = field(default_factory=list)
@@ -115,7 +117,9 @@ class Lane:
                 claimed = await self.store.claim_retry_pass(
                     room, self.settings.lease_seconds, [self.name]
                 )
-                await self._analyze_if_slow(time.monotonic() - started)
+                took = time.monotonic() - started
+                self.metrics.claimed("lane", len(claimed), took)
+                await self._analyze_if_slow(took)
                 failures = 0
             except DB_ERRORS as exc:
                 failures += 1
@@ -183,7 +187,7 @@ class Lane:
         async with self._slots:
             pause = self.runtime.pause_left()
             if pause > 0:  # the endpoint failed meanwhile: wait, spending no attempt
-                return Failed("unavailable", "route paused", "endpoint unavailable", pause)
+                return Failed("unavailable", PAUSED, "endpoint unavailable", pause)
             if self._limiter is not None:
                 await self._limiter.acquire()
             result = await self.sink.deliver(message)
@@ -225,8 +229,10 @@ class Lane:
     async def _flush(self) -> None:
         done, self._done = self._done[:_FLUSH_ROWS], self._done[_FLUSH_ROWS:]
         plan = plan_retry_pass([(m, self.name) for m, _ in done], [v for _, v in done])
+        started = time.monotonic()
         try:
             await self.store.record_patiently(plan, self.settings.lease_seconds * 0.8)
+            self.metrics.record_took("lane", time.monotonic() - started)
         except DB_ERRORS as exc:
             # The leases stay: these rows come back after the lease, delivered twice at worst.
             log.error("route %s: could not record %d outcomes (%s)", self.name, len(done), exc)

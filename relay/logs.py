@@ -1,29 +1,67 @@
-"""Logging set-up: human-readable text, or one JSON object per line."""
+"""Logging set-up: human-readable text, or one JSON object per line.
+
+JSON lines carry ``ts``, ``level``, ``logger``, ``message``, the relay's id once it has one
+(``relay_id``), any ``extra=`` fields a call adds, and ``exception`` for tracebacks. Nothing
+logged anywhere includes a secret: database URLs are redacted (:func:`relay.db.redact`) and
+webhook secrets never leave :mod:`relay.sinks.signature`.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
+from typing import Any
 
 import orjson
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+        entry: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat("T", "milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name, value in vars(record).items():
+            if name not in _STANDARD and name not in entry:
+                entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+        return orjson.dumps(entry, default=str).decode()
+
+
+class _RelayTag(logging.Filter):
+    """Adds ``relay_id`` to every record once the relay has an id."""
+
+    relay_id: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.relay_id is not None and not hasattr(record, "relay_id"):
+            record.relay_id = self.relay_id
+        return True
+
+
+_TAG = _RelayTag()
+
+
+def tag_relay(relay_id: str) -> None:
+    """From now on, every log record of this process names the relay (JSON: ``relay_id``)."""
+    _TAG.relay_id = relay_id
 
 
 def configure_logging(level: str, fmt: str) -> None:
     """Configure the root logger once, at the edge (the CLI), from validated settings."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_TAG)
     handler.setFormatter(
         JsonFormatter()
         if fmt == "json"

@@ -25,6 +25,11 @@ from .sinks.base import Delivered, Failed, Outbound, Result
 
 NO_ROUTE = "no-route"
 DISABLED = "route disabled"  # the reason of dead letters of a disabled route
+PAUSED = "route paused"  # the status of a message not sent because its route is paused
+
+# Statuses of verdicts for which nothing was sent: parked or held behind an earlier message
+# of the key, not sent while the route is paused, dead-lettered because the route is disabled.
+NOT_ATTEMPTED = frozenset({None, "held", PAUSED, "disabled"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,8 @@ class RecordPlan:
     released: list[int] = field(default_factory=list)
     delivered_count: int = 0
     dead_count: int = 0
+    # Every (message, route, verdict) of the plan, for the metrics once it is recorded.
+    outcomes: list[tuple[Outbound, str, Verdict]] = field(default_factory=list)
 
     @property
     def retried_seqs(self) -> list[int]:
@@ -136,6 +143,7 @@ def plan_first_pass(
 
 
 def _plan_message(plan: RecordPlan, message: Outbound, mine: dict[str, Verdict]) -> None:
+    plan.outcomes.extend((message, route, v) for route, v in mine.items())
     if all(isinstance(v, Pending) and v.unavailable for v in mine.values()):
         plan.released.append(message.seq)
         return
@@ -156,6 +164,7 @@ def plan_retry_pass(claimed: Iterable[tuple[Outbound, str]], verdicts: list[Verd
     """Plan for ``route_pending`` rows claimed for another attempt."""
     plan = RecordPlan()
     for (message, route), v in zip(claimed, verdicts, strict=True):
+        plan.outcomes.append((message, route, v))
         if isinstance(v, Pending):
             _add_pending(plan, message, route, v)
             continue

@@ -40,6 +40,9 @@ class RouteRuntime:
     # be trusted to undo it.
     unsaved_disable: str | None = None
     disable_saved_at: float = 0.0
+    # Why the sink is unreachable (broker down, connection refused), or None: the route is
+    # not ready (``/readyz``) until a delivery succeeds again.
+    outage: str | None = None
 
     @property
     def is_lane(self) -> bool:
@@ -72,21 +75,27 @@ class RouteRuntime:
 
     def observe(self, results: Sequence[Result]) -> None:
         """Pause the route while its sink is unreachable; resume on the first success."""
-        if any(isinstance(r, Failed) and r.kind == "unavailable" for r in results):
+        down = next((r for r in results if isinstance(r, Failed) and r.kind == "unavailable"), None)
+        if down is not None:
+            self.outage = down.reason
             self._pause(None)
         elif results:
             self.failures = 0
             self.paused_until = 0.0
+            self.outage = None
 
     def observe_endpoint(self, result: Result) -> None:
         """One webhook answer: an endpoint-wide failure (refused, 429) pauses the route for
         its ``Retry-After`` or the outage backoff, whichever is longer."""
         if isinstance(result, Failed):
             if result.scope == "endpoint" and result.kind == "retry":
+                if not result.reason.startswith("HTTP"):  # 429 is an answer, not an outage
+                    self.outage = result.reason
                 self._pause(result.retry_after)
             return
         self.failures = 0
         self.paused_until = 0.0
+        self.outage = None
 
     def _pause(self, at_least: float | None) -> None:
         if self.pause_left() > 0:

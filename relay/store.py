@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from outbox_lib._sqlfiles import load_queries, with_schema
 from .backoff import Backoff
 from .plan import RecordPlan, Rows
 from .sinks.base import Outbound
+from .tracing import Spans
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,16 @@ DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
 Key = tuple[str, str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Gauges:
+    """What the database says, for the metrics (see :mod:`relay.health`)."""
+
+    topics: list[tuple[str, int, float | None]]
+    dead_letters: list[tuple[str, str, int]]
+    relays_live: int
+    unowned_buckets: int
 
 
 # jit=off: JIT compiles the claim query on every call (its LIMIT + subplan cost estimate
@@ -87,6 +99,7 @@ class Store:
         self._q = relay_queries(schema)
         self.schema = schema
         self.relay_id = relay_id
+        self.spans = Spans()
 
     @classmethod
     def create(
@@ -128,6 +141,14 @@ class Store:
         The caller must end it with :meth:`HeldBatch.commit`, :meth:`HeldBatch.lease` or
         :meth:`HeldBatch.abandon`.
         """
+        if not self.spans.enabled:
+            return await self._hold_first_pass(limit)
+        with self.spans.claim("first", limit) as claim:
+            held = await self._hold_first_pass(limit)
+            claim.count = len(held.messages)
+        return held
+
+    async def _hold_first_pass(self, limit: int) -> HeldBatch:
         conn = await self._pool.getconn()
         try:
             cur = await conn.execute(
@@ -154,6 +175,17 @@ class Store:
             await self._pool.putconn(conn)
 
     async def claim_retry_pass(
+        self, limit: int, lease: float, routes: Sequence[str]
+    ) -> list[tuple[Outbound, str]]:
+        """Lease due per-route retries of ``routes``: (message, route name) in seq order."""
+        if not self.spans.enabled:
+            return await self._claim_retry_pass(limit, lease, routes)
+        with self.spans.claim("retry", limit) as claim:
+            claimed = await self._claim_retry_pass(limit, lease, routes)
+            claim.count = len(claimed)
+        return claimed
+
+    async def _claim_retry_pass(
         self, limit: int, lease: float, routes: Sequence[str]
     ) -> list[tuple[Outbound, str]]:
         params = {
@@ -263,6 +295,20 @@ class Store:
     async def disable_route(self, route: str, reason: str) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(self._q["disable_route"], {"route": route, "reason": reason})
+
+    async def gauges(self) -> Gauges:
+        """The database-derived gauges, read in one short transaction."""
+        async with self._pool.connection() as conn, conn.transaction():
+            topics = await (await conn.execute(self._q["gauge_topics"])).fetchall()
+            dead = await (await conn.execute(self._q["gauge_dead_letters"])).fetchall()
+            relays = await (await conn.execute(self._q["gauge_relays"])).fetchone()
+        live, unowned = relays or (0, 0)
+        return Gauges(
+            [(str(t), int(n), None if age is None else float(age)) for t, n, age in topics],
+            [(str(t), str(r), int(n)) for t, r, n in dead],
+            int(live),
+            int(unowned),
+        )
 
     async def _fetch(self, name: str, params: dict[str, Any]) -> list[TupleRow]:
         async with self._pool.connection() as conn:

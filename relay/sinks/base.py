@@ -24,9 +24,10 @@ A third sink (NATS, SQS, ...) is one new module implementing :class:`Sink`.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ class Outbound:
 class Delivered:
     partition: int | None = None
     offset: int | None = None
+    # When the sink acknowledged (unix time), for the delivery latency metric.
+    acked_at: float = field(default_factory=time.time, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

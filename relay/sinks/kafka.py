@@ -17,6 +17,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ..config import ProducerValue, Route
+from ..tracing import Spans
 from .base import Delivered, Failed, Outbound, Result
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,9 @@ class KafkaSink:
         self._producer: Producer | None = None
         self._aborted = threading.Event()
         self._lock = threading.Lock()
+        self.spans = Spans()
+        # A topic a record was delivered to: what readiness probes ask about.
+        self.known_topic: str | None = None
 
     def _get_producer(self) -> Producer:
         with self._lock:
@@ -152,6 +156,14 @@ class KafkaSink:
 
     def send_sync(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
         """Produce ``batch`` and wait for every delivery report (or an abort)."""
+        if not self.spans.enabled:
+            return self._send_sync(route, batch)
+        with self.spans.kafka_batch(route, batch) as span:
+            results = self._send_sync(route, batch)
+            span.results(results)
+        return results
+
+    def _send_sync(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
         producer = self._get_producer()
         pending = _Batch(len(batch))
         for index, message in enumerate(batch):
@@ -167,7 +179,12 @@ class KafkaSink:
             producer.poll(0.5)
         if pending.fatal:
             self._drop_producer(producer)
-        return pending.finish("shutdown before the broker acknowledged")
+        results = pending.finish("shutdown before the broker acknowledged")
+        for message, result in zip(batch, results, strict=True):
+            if isinstance(result, Delivered):
+                self.known_topic = route.target_topic(message.topic)
+                break
+        return results
 
     def _produce(
         self, producer: Producer, topic: str, message: Outbound, batch: _Batch, index: int
@@ -203,6 +220,27 @@ class KafkaSink:
 
     def abort(self) -> None:
         self._aborted.set()
+
+    async def probe(self, topic: str | None, timeout: float) -> str | None:
+        """Ask the cluster for metadata: None when it answers in time, else why not.
+
+        A paused or partitioned broker keeps its TCP connections open, so librdkafka itself
+        notices only after ``socket.timeout.ms``; readiness asks instead. With ``topic`` the
+        request names one topic the relay produces to (never a new one: producers may create
+        topics they name), without it the request covers every topic.
+        """
+
+        def ask() -> None:
+            self._get_producer().list_topics(topic, timeout=timeout)
+
+        try:
+            await asyncio.to_thread(ask)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if isinstance(error, KafkaError):
+                return f"kafka: {error.name()}"
+            return f"kafka: {exc}"
+        return None
 
     async def close(self) -> None:
         with self._lock:

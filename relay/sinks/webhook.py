@@ -1,9 +1,12 @@
 """Webhook sink: one signed ``POST`` per message, per Standard Webhooks.
 
 Every attempt carries the same ``webhook-id`` (the message's idempotency key, or its id) and
-a fresh ``webhook-timestamp`` and ``webhook-signature``. Redirects are not followed. The
-route's lane (:mod:`relay.lanes`) decides how many requests run at once; this module only
-sends one request and says what its answer means (:func:`classify_response`).
+a fresh ``webhook-timestamp`` and ``webhook-signature``, plus the message's W3C
+``traceparent`` and ``tracestate`` when well formed (:func:`relay.tracing.trace_headers`);
+no other message header is sent, and the signature covers id, timestamp and body only.
+Redirects are not followed. The route's lane (:mod:`relay.lanes`) decides how many requests
+run at once; this module only sends one request and says what its answer means
+(:func:`classify_response`).
 
 Connections go through :class:`GuardedBackend`, which resolves the host itself and refuses
 non-public addresses (:mod:`relay.sinks.ssrf`) right before connecting, so a DNS answer that
@@ -27,6 +30,7 @@ import httpx
 
 from .. import __version__
 from ..config import Route
+from ..tracing import Spans, trace_headers
 from .base import Delivered, Failed, FailureScope, KeyGate, Outbound, Result
 from .signature import sign
 from .ssrf import blocked_reason, literal_ip
@@ -237,6 +241,7 @@ class WebhookSink:
         self._transports: list[httpx.AsyncBaseTransport] = []
         self._timeout = httpx.Timeout(route.timeout_s).as_dict()
         self._requests: set[asyncio.Task[Result]] = set()
+        self.spans = Spans()
 
     def _checkout(self) -> httpx.AsyncBaseTransport:
         if self._idle:
@@ -252,7 +257,8 @@ class WebhookSink:
             self._idle.append(transport)
 
     def headers(self, message: Outbound) -> dict[str, str]:
-        """This attempt's headers: same id every time, fresh timestamp and signature."""
+        """This attempt's headers: same id every time, fresh timestamp and signature, and the
+        message's well-formed trace headers (which the signature does not cover)."""
         webhook_id = message.delivery_key
         timestamp = int(self._clock())
         return {
@@ -262,6 +268,7 @@ class WebhookSink:
             "webhook-signature": sign(self._keys, webhook_id, timestamp, message.payload),
             "idempotency-key": webhook_id,
             "user-agent": USER_AGENT,
+            **trace_headers(message.headers),
         }
 
     async def deliver(self, message: Outbound) -> Result:
@@ -278,11 +285,25 @@ class WebhookSink:
             self._requests.discard(task)
 
     async def _post(self, message: Outbound) -> Result:
+        headers = self.headers(message)
+        if not self.spans.enabled:
+            return (await self._request(message, headers))[1]
+        with self.spans.webhook(self.route, message, headers) as span:
+            status, result = await self._request(message, headers)
+            if status is not None:
+                span.http_status(status)
+            span.results([result])
+        return result
+
+    async def _request(
+        self, message: Outbound, headers: dict[str, str]
+    ) -> tuple[int | None, Result]:
+        """The HTTP status (None without an answer) and what it means for the message."""
         request = httpx.Request(
             "POST",
             self._url,
             content=message.payload,
-            headers=self.headers(message),
+            headers=headers,
             extensions={"timeout": self._timeout},
         )
         transport = self._checkout()
@@ -293,10 +314,11 @@ class WebhookSink:
             finally:
                 await response.aclose()
         except (httpx.HTTPError, BlockedAddressError) as exc:
-            return classify_error(exc, self.route.timeout_s)
+            return None, classify_error(exc, self.route.timeout_s)
         finally:
             self._checkin(transport)
-        return classify_response(response.status_code, response.headers, body)
+        status = response.status_code
+        return status, classify_response(status, response.headers, body)
 
     async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
         """The batch in order, one request at a time (lanes call :meth:`deliver` instead)."""

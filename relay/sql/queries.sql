@@ -113,7 +113,7 @@ WITH gone AS (
     ON CONFLICT (message_id, route) DO UPDATE
        SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
            last_error = EXCLUDED.last_error, last_status = EXCLUDED.last_status,
-           dead_at = EXCLUDED.dead_at
+           dead_at = EXCLUDED.dead_at, discarded_at = NULL, discarded_reason = NULL
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM delivered), (SELECT count(*) FROM dead)
@@ -140,7 +140,7 @@ SELECT m.id, m.seq, x.route, m.topic, m.msg_key, m.payload, m.content_type, m.he
 ON CONFLICT (message_id, route) DO UPDATE
    SET attempts = EXCLUDED.attempts, reason = EXCLUDED.reason,
        last_error = EXCLUDED.last_error, last_status = EXCLUDED.last_status,
-       dead_at = EXCLUDED.dead_at
+       dead_at = EXCLUDED.dead_at, discarded_at = NULL, discarded_reason = NULL
 
 -- name: upsert_pending
 INSERT INTO {schema}.route_pending AS p (seq, route, topic, msg_key, bucket, attempts,
@@ -212,7 +212,8 @@ SELECT topic, count(*), extract(epoch FROM now() - min(created_at))
  GROUP BY topic
 
 -- name: status_dead
-SELECT topic, count(*) FROM {schema}.dead_letter GROUP BY topic
+-- Live dead letters: a discarded one is kept for audit but is no longer dead-lettered.
+SELECT topic, count(*) FROM {schema}.dead_letter WHERE discarded_at IS NULL GROUP BY topic
 
 -- name: schema_version
 SELECT max(version) FROM {schema}.schema_migrations
@@ -332,7 +333,8 @@ ON CONFLICT (route) DO UPDATE
 WITH pending AS (
     SELECT route, count(*) AS n FROM {schema}.route_pending GROUP BY route
 ), dead AS (
-    SELECT route, count(*) AS n FROM {schema}.dead_letter GROUP BY route
+    SELECT route, count(*) AS n FROM {schema}.dead_letter WHERE discarded_at IS NULL
+     GROUP BY route
 ), known AS (
     SELECT route FROM {schema}.route_state
     UNION SELECT route FROM pending
@@ -347,17 +349,41 @@ SELECT k.route, s.disabled_at, s.disabled_reason, coalesce(p.n, 0), coalesce(d.n
 
 -- name: ops_list_dead_letters
 -- Newest first; the last column counts every match, so the caller can say what LIMIT hid.
+-- Live letters, or (discarded) the discarded ones, kept for audit until purged.
 SELECT message_id, route, topic, msg_key, attempts, last_status, reason, last_error,
-       dead_at, created_at, idempotency_key, count(*) OVER ()
-  FROM {schema}.dead_letter
- WHERE (%(topic)s::text IS NULL OR topic = %(topic)s::text)
-   AND (%(route)s::text IS NULL OR route = %(route)s::text)
- ORDER BY dead_at DESC, message_id, route
+       dead_at, created_at, idempotency_key, discarded_at, discarded_reason, count(*) OVER ()
+  FROM {schema}.dead_letter d
+ WHERE (CASE WHEN %(discarded)s::boolean THEN d.discarded_at IS NOT NULL
+             ELSE d.discarded_at IS NULL END)
+   AND (%(id)s::uuid IS NULL OR d.message_id = %(id)s::uuid)
+   AND (%(topic)s::text IS NULL OR d.topic = %(topic)s::text)
+   AND (%(route)s::text IS NULL OR d.route = %(route)s::text)
+   AND (%(since)s::timestamptz IS NULL OR d.dead_at >= %(since)s::timestamptz)
+ ORDER BY d.dead_at DESC, d.message_id, d.route
  LIMIT %(limit)s
 
+-- name: ops_count_dead_letters
+-- What a retry or discard of the same selection would take: live letters per route, how many
+-- messages they are (one message may be dead on several routes) and the time of the count.
+-- A discard confirmed after the count passes that time as its upper bound, so letters
+-- dead-lettered meanwhile are left alone.
+WITH matching AS (
+    SELECT d.message_id, d.route
+      FROM {schema}.dead_letter d
+     WHERE d.discarded_at IS NULL
+       AND (%(id)s::uuid IS NULL OR d.message_id = %(id)s::uuid)
+       AND (%(topic)s::text IS NULL OR d.topic = %(topic)s::text)
+       AND (%(route)s::text IS NULL OR d.route = %(route)s::text)
+       AND (%(since)s::timestamptz IS NULL OR d.dead_at >= %(since)s::timestamptz)
+)
+SELECT m.route, count(*), (SELECT count(DISTINCT message_id) FROM matching), now()
+  FROM matching m
+ GROUP BY m.route
+ ORDER BY m.route
+
 -- name: ops_retry_dead_letters
--- Revive the selected dead letters in one statement. DELETE ... RETURNING takes each row at
--- most once, so two operators retrying at the same time never revive a letter twice (the
+-- Revive the selected live dead letters in one statement. DELETE ... RETURNING takes each row
+-- at most once, so two operators retrying at the same time never revive a letter twice (the
 -- second waits for the first's row locks, then finds the rows gone).
 -- Each message comes back once, as a new row (new seq, same id, idempotency key and bucket),
 -- in its original order, so retried messages of one key keep their relative order:
@@ -368,9 +394,11 @@ SELECT message_id, route, topic, msg_key, attempts, last_status, reason, last_er
 --   reset, for the route that dead-lettered it and no other.
 WITH picked AS (
     DELETE FROM {schema}.dead_letter d
-     WHERE (%(id)s::uuid IS NULL OR d.message_id = %(id)s::uuid)
+     WHERE d.discarded_at IS NULL
+       AND (%(id)s::uuid IS NULL OR d.message_id = %(id)s::uuid)
        AND (%(topic)s::text IS NULL OR d.topic = %(topic)s::text)
        AND (%(route)s::text IS NULL OR d.route = %(route)s::text)
+       AND (%(since)s::timestamptz IS NULL OR d.dead_at >= %(since)s::timestamptz)
     RETURNING d.*
 ), revived AS (
     INSERT INTO {schema}.message (id, topic, msg_key, payload, content_type, headers,
@@ -397,6 +425,93 @@ SELECT p.route, count(*), (SELECT count(*) FROM revived), (SELECT count(*) FROM 
  GROUP BY p.route
  ORDER BY p.route
 
+-- name: ops_discard_dead_letters
+-- Discard the selected live letters: kept (for audit, until `purge`), out of every count,
+-- list and retry. Two operators discarding at once: the second waits for the first's row
+-- locks, then finds the rows no longer live.
+WITH gone AS (
+    UPDATE {schema}.dead_letter d
+       SET discarded_at = now(), discarded_reason = %(reason)s::text
+     WHERE d.discarded_at IS NULL
+       AND (%(id)s::uuid IS NULL OR d.message_id = %(id)s::uuid)
+       AND (%(topic)s::text IS NULL OR d.topic = %(topic)s::text)
+       AND (%(route)s::text IS NULL OR d.route = %(route)s::text)
+       AND (%(since)s::timestamptz IS NULL OR d.dead_at >= %(since)s::timestamptz)
+       AND (%(upto)s::timestamptz IS NULL OR d.dead_at <= %(upto)s::timestamptz)
+    RETURNING d.route
+)
+SELECT route, count(*) FROM gone GROUP BY route ORDER BY route
+
+-- name: ops_replay_deliveries
+-- Deliver again, to one route, messages that route delivered (`outbox-relay replay`). Each
+-- comes back once (a message delivered twice, e.g. replayed before, counts once) as a new
+-- row with its id, idempotency key and key, and the bucket of its key; already fanned, with
+-- a route_pending row for that route only, due now; in the order first delivered, so one
+-- key's messages keep their order. The idempotency table is not touched. A dry run
+-- inserts nothing: the first column counts what would be.
+WITH picked AS (
+    SELECT DISTINCT ON (d.message_id) d.*
+      FROM {schema}.delivery d
+     WHERE d.topic = %(topic)s::text AND d.route = %(route)s::text
+       AND (%(since)s::timestamptz IS NULL OR d.delivered_at >= %(since)s::timestamptz)
+       AND (%(until)s::timestamptz IS NULL OR d.delivered_at < %(until)s::timestamptz)
+       AND (%(key)s::bytea IS NULL OR d.msg_key = %(key)s::bytea)
+     ORDER BY d.message_id, d.seq
+), chosen AS (
+    SELECT * FROM picked ORDER BY seq LIMIT %(limit)s::bigint
+), revived AS (
+    INSERT INTO {schema}.message (id, topic, msg_key, payload, content_type, headers,
+                                  idempotency_key, bucket, created_at, fanned)
+    SELECT c.message_id, c.topic, c.msg_key, c.payload, c.content_type, c.headers,
+           c.idempotency_key, {schema}.key_bucket(c.msg_key), c.created_at, true
+      FROM chosen c
+     WHERE NOT %(dry_run)s::boolean
+     ORDER BY c.seq
+    RETURNING seq, topic, msg_key, bucket
+), queued AS (
+    INSERT INTO {schema}.route_pending (seq, route, topic, msg_key, bucket, attempts,
+                                        available_at)
+    SELECT r.seq, %(route)s::text, r.topic, r.msg_key, r.bucket, 0, now()
+      FROM revived r
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM chosen), (SELECT count(*) FROM queued)
+
+-- name: ops_time_ago
+-- A duration given to an operator command, as a time of the database's clock.
+SELECT now() - %(ago)s::interval
+
+-- `outbox-relay purge`: small batches, each its own short transaction that gives up on a
+-- lock after a short timeout (and is tried again later), so the relays never wait behind it.
+
+-- name: ops_lock_timeout
+SELECT set_config('lock_timeout', %(timeout)s::text, true)
+
+-- name: ops_count_purgeable
+SELECT (SELECT count(*) FROM {schema}.delivery WHERE delivered_at < %(cutoff)s::timestamptz),
+       (SELECT count(*) FROM {schema}.dead_letter WHERE discarded_at < %(cutoff)s::timestamptz)
+
+-- name: ops_purge_deliveries
+-- One batch of delivery records older than the cut-off. The BRIN index on delivered_at finds
+-- the block ranges holding old rows, so the last batches do not read the whole log (while
+-- most rows are old, a scan that stops after LIMIT rows does as well). Rows go by ctid, as
+-- delivery has no key and is never updated.
+DELETE FROM {schema}.delivery
+ WHERE ctid = ANY(ARRAY(SELECT ctid FROM {schema}.delivery
+                         WHERE delivered_at < %(cutoff)s::timestamptz
+                         LIMIT %(limit)s))
+   AND delivered_at < %(cutoff)s::timestamptz
+
+-- name: ops_purge_discarded
+-- One batch of dead letters discarded before the cut-off, found with dead_letter_discarded_idx
+-- (live letters are never purged).
+DELETE FROM {schema}.dead_letter d
+ USING (SELECT message_id, route FROM {schema}.dead_letter
+         WHERE discarded_at < %(cutoff)s::timestamptz
+         LIMIT %(limit)s) AS old
+ WHERE d.message_id = old.message_id AND d.route = old.route
+   AND d.discarded_at < %(cutoff)s::timestamptz
+
 -- name: ops_disabled_routes_among
 SELECT route, disabled_reason FROM {schema}.route_state
  WHERE route = ANY(%(routes)s::text[]) AND disabled_at IS NOT NULL
@@ -418,3 +533,38 @@ ON CONFLICT (route) DO UPDATE
 -- Wake the relays (the NOTIFY goes out at commit) so they see the change without waiting
 -- for their next poll.
 SELECT {schema}.notify_once()
+
+-- Metrics: relay.health refreshes these gauges every few seconds (never per scrape).
+
+-- name: gauge_topics
+-- Per topic: pending messages and the age of the oldest (the delivery lag). A skip scan over
+-- message_topic_idx finds the topics, one index probe each; then each topic's count and its
+-- oldest row are one range of that index. Cost grows with the topics and the backlog, never
+-- with the delivery log.
+WITH RECURSIVE topics AS (
+    (SELECT topic FROM {schema}.message ORDER BY topic LIMIT 1)
+    UNION ALL
+    SELECT (SELECT m.topic FROM {schema}.message m
+             WHERE m.topic > t.topic ORDER BY m.topic LIMIT 1)
+      FROM topics t
+     WHERE t.topic IS NOT NULL
+)
+SELECT t.topic,
+       (SELECT count(*) FROM {schema}.message m WHERE m.topic = t.topic),
+       (SELECT extract(epoch FROM now() - m.created_at)::float8 FROM {schema}.message m
+         WHERE m.topic = t.topic ORDER BY m.seq LIMIT 1)
+  FROM topics t
+ WHERE t.topic IS NOT NULL
+
+-- name: gauge_dead_letters
+-- Live (not discarded) dead letters per topic and route: an index-only scan of
+-- dead_letter_live_idx.
+SELECT topic, route, count(*) FROM {schema}.dead_letter
+ WHERE discarded_at IS NULL
+ GROUP BY topic, route
+
+-- name: gauge_relays
+SELECT (SELECT count(*) FROM {schema}.relay WHERE expires_at > now()),
+       (SELECT count(*) FROM {schema}.bucket_lease b
+         WHERE NOT EXISTS (SELECT 1 FROM {schema}.relay r
+                            WHERE r.relay_id = b.holder AND r.expires_at > now()))

@@ -8,7 +8,9 @@ in), plus exactly what the test passes.
 from __future__ import annotations
 
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -61,6 +63,48 @@ def start_cli(*args: str, env: Mapping[str, str | None] | None = None) -> subpro
         stdin=subprocess.DEVNULL,
         text=True,
     )
+
+
+def run_on_terminal(
+    *args: str,
+    env: Mapping[str, str | None] | None = None,
+    answer: str | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, str]:
+    """Run ``outbox-relay ARGS`` with stdin, stdout and stderr on a pseudo-terminal, as an
+    operator at a shell does; type ``answer`` once a ``[y/N]`` question shows. Returns the
+    exit code and everything printed (``\r\n`` line ends made ``\n``)."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [*COMMAND, *args], env=cli_env(env), stdin=follower, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.1)
+            if not ready:
+                if process.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+            if answer is not None and b"[y/N]" in output:
+                os.write(leader, answer.encode() + b"\n")
+                answer = None
+        code = process.wait(max(0.1, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(leader)
+    return code, output.decode().replace("\r\n", "\n")
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -241,6 +285,41 @@ def insert_dead_letter(
                 "payload": payload, "headers": Jsonb(dict(headers or {})),
                 "idem": idempotency_key, "attempts": attempts, "reason": reason,
                 "error": last_error, "status": last_status, "ago": dead_seconds_ago,
+            },
+        )  # fmt: skip
+    return message_id
+
+
+def insert_delivery(
+    database_url: str,
+    *,
+    route: str,
+    topic: str,
+    message_id: uuid.UUID | None = None,
+    key: bytes | None = None,
+    payload: bytes = b'{"n": 0}',
+    headers: Mapping[str, str] | None = None,
+    idempotency_key: str | None = None,
+    delivered_seconds_ago: float = 0.0,
+    schema: str = "outbox",
+) -> uuid.UUID:
+    """Write a delivery record as the relay would after a sink acknowledged the message
+    (with a fresh seq, so records are in insertion order). Returns the message id."""
+    message_id = message_id or uuid.uuid4()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            psql.SQL(
+                "INSERT INTO {s}.delivery (message_id, seq, route, topic, msg_key, payload,"
+                " content_type, headers, idempotency_key, created_at, delivered_at, attempts)"
+                " VALUES (%(id)s, nextval(pg_get_serial_sequence({t}, 'seq')), %(route)s,"
+                " %(topic)s, %(key)s, %(payload)s, 'application/json', %(headers)s, %(idem)s,"
+                " now() - make_interval(secs => %(ago)s + 1),"
+                " now() - make_interval(secs => %(ago)s), 1)"
+            ).format(s=psql.Identifier(schema), t=psql.Literal(f"{schema}.message")),
+            {
+                "id": message_id, "route": route, "topic": topic, "key": key,
+                "payload": payload, "headers": Jsonb(dict(headers or {})),
+                "idem": idempotency_key, "ago": delivered_seconds_ago,
             },
         )  # fmt: skip
     return message_id

@@ -1,4 +1,4 @@
-"""``outbox-relay dead-letters list|retry`` (CONTRACT section 8).
+"""``outbox-relay dead-letters list|retry|discard`` (CONTRACT section 8).
 
 Dead letters are written with SQL the way the relay writes them: what is tested here is the
 CLI. The last test has a real relay dead-letter a message and deliver it after the retry.
@@ -23,6 +23,7 @@ from tests.acceptance.cli import (
     publish_many,
     query,
     run_cli,
+    run_on_terminal,
     scalar,
     start_cli,
     start_relay,
@@ -72,6 +73,30 @@ def _pending(database_url: str) -> list[tuple[Any, ...]]:
 
 def _dead_count(database_url: str) -> int:
     return int(scalar(database_url, "SELECT count(*) FROM outbox.dead_letter"))
+
+
+def _letters_table(database_url: str) -> list[tuple[Any, ...]]:
+    """Every dead-letter row as stored, to prove a command changed nothing."""
+    return query(database_url, "SELECT * FROM outbox.dead_letter ORDER BY message_id, route")
+
+
+def _discarded(database_url: str) -> dict[tuple[uuid.UUID, str], str | None]:
+    rows = query(
+        database_url,
+        "SELECT message_id, route, discarded_reason FROM outbox.dead_letter"
+        " WHERE discarded_at IS NOT NULL",
+    )
+    return {(id_, route): reason for id_, route, reason in rows}
+
+
+def _age(database_url: str, message_id: uuid.UUID, column: str, interval: str) -> None:
+    """Set a dead letter's ``dead_at`` or ``discarded_at`` back in time."""
+    assert column in {"dead_at", "discarded_at"}
+    execute(
+        database_url,
+        f"UPDATE outbox.dead_letter SET {column} = now() - %s::interval WHERE message_id = %s",
+        (interval, message_id),
+    )
 
 
 # --- list -------------------------------------------------------------------------------
@@ -151,6 +176,30 @@ def test_list_filters_by_topic_and_route(database_url: str) -> None:
     assert ids("--route", HOOK) == {str(a), str(c)}
     assert ids("--topic", "orders.created", "--route", HOOK) == {str(a)}
     assert ids("--topic", "nothing.here") == set()
+
+
+def test_list_filters_by_id_and_since_and_they_combine(database_url: str) -> None:
+    migrate(database_url)
+    twice = uuid.uuid4()
+    insert_dead_letter(database_url, route=HOOK, topic="orders.created", message_id=twice)
+    insert_dead_letter(database_url, route=KAFKA, topic="orders.created", message_id=twice)
+    recent = insert_dead_letter(database_url, route=HOOK, topic="orders.paid")
+    old = insert_dead_letter(database_url, route=HOOK, topic="orders.paid")
+    _age(database_url, twice, "dead_at", "30 minutes")
+    _age(database_url, old, "dead_at", "3 days")
+
+    def ids(*args: str) -> list[tuple[str, str]]:
+        return sorted((letter["id"], letter["route"]) for letter in _list(database_url, *args))
+
+    assert ids("--id", str(twice)) == sorted([(str(twice), HOOK), (str(twice), KAFKA)])
+    assert ids("--id", str(twice), "--route", KAFKA) == [(str(twice), KAFKA)]
+    assert ids("--since", "10m") == [(str(recent), HOOK)]
+    assert len(ids("--since", "1h")) == 3
+    assert len(ids("--since", "4d")) == 4
+    assert ids("--since", "1h", "--topic", "orders.paid") == [(str(recent), HOOK)]
+    assert ids("--since", "10m", "--id", str(twice)) == []
+    [(day_ago,)] = query(database_url, "SELECT (now() - interval '1 day')::text")
+    assert len(ids("--since", day_ago.replace(" ", "T"))) == 3, "an ISO-8601 time"
 
 
 def test_list_limit_shows_the_newest_and_says_how_many_more(database_url: str) -> None:
@@ -372,6 +421,161 @@ def test_concurrent_retries_revive_each_dead_letter_once(database_url: str) -> N
     assert scalar(database_url, "SELECT count(DISTINCT id) FROM outbox.message") == count
     assert scalar(database_url, "SELECT count(*) FROM outbox.route_pending") == count
     assert _dead_count(database_url) == 0
+
+
+def test_retry_dry_run_prints_per_route_and_changes_nothing(database_url: str) -> None:
+    migrate(database_url)
+    twice = uuid.uuid4()
+    insert_dead_letter(database_url, route=HOOK, topic="orders.created", message_id=twice)
+    insert_dead_letter(database_url, route=KAFKA, topic="orders.created", message_id=twice)
+    insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+    old = insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+    _age(database_url, old, "dead_at", "2 hours")
+    before = _letters_table(database_url)
+
+    out = _retry(database_url, "--all", "--dry-run")
+    recent = _retry(database_url, "--topic", "orders.created", "--since", "1h", "--dry-run")
+    none = _retry(database_url, "--topic", "orders.paid", "--dry-run")
+
+    assert out == f"would retry 4 dead letter(s) as 3 message(s) ({HOOK}: 3, {KAFKA}: 1)\n"
+    assert recent == f"would retry 3 dead letter(s) as 2 message(s) ({HOOK}: 2, {KAFKA}: 1)\n"
+    assert none == "no dead letters to retry\n"
+    assert _letters_table(database_url) == before
+    assert _messages(database_url) == [] and _pending(database_url) == []
+
+
+def test_retry_since_revives_only_recent_letters(database_url: str) -> None:
+    migrate(database_url)
+    recent = insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+    old = insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+    _age(database_url, old, "dead_at", "2 days")
+
+    assert _retry(database_url, "--all", "--since", "1d").startswith("retried 1 dead letter(s)")
+
+    assert [m[1] for m in _messages(database_url)] == [recent]
+    assert [letter["id"] for letter in _list(database_url)] == [str(old)]
+
+
+# --- discard ----------------------------------------------------------------------------
+
+
+def test_discard_without_a_terminal_or_yes_exits_2_and_changes_nothing(
+    database_url: str,
+) -> None:
+    migrate(database_url)
+    insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+    before = _letters_table(database_url)
+
+    result = run_cli("dead-letters", "discard", "--all", env=_env(database_url))
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert error_lines(result.stderr) == [
+        "outbox-relay: error: discard needs confirmation: stdin is not a terminal; pass --yes"
+    ]
+    assert _letters_table(database_url) == before
+
+
+def test_discard_yes_hides_letters_from_list_status_and_retry(database_url: str) -> None:
+    migrate(database_url)
+    gone = insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+    gone_too = insert_dead_letter(database_url, route=KAFKA, topic="orders.created")
+    kept = insert_dead_letter(database_url, route=HOOK, topic="orders.paid")
+
+    result = run_cli(
+        "dead-letters", "discard", "--topic", "orders.created", "--yes",
+        "--reason", "customer cancelled", env=_env(database_url),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"discarded 2 dead letter(s) ({HOOK}: 1, {KAFKA}: 1)\n"
+    assert _discarded(database_url) == {
+        (gone, HOOK): "customer cancelled", (gone_too, KAFKA): "customer cancelled",
+    }  # fmt: skip
+    assert _dead_count(database_url) == 3, "kept for audit"
+    assert [letter["id"] for letter in _list(database_url)] == [str(kept)]
+    status = json.loads(run_cli("status", "--json", env=_env(database_url)).stdout)
+    assert status["topics"] == {
+        "orders.paid": {"pending": 0, "dead": 1, "oldest_pending_age_seconds": None}
+    }
+    assert status["routes"][HOOK]["dead"] == 1
+    assert KAFKA not in status["routes"], "a route with only discarded letters is not shown"
+    routes = json.loads(run_cli("routes", "list", "--json", env=_env(database_url)).stdout)
+    assert routes["routes"][HOOK]["dead"] == 1
+    assert _retry(database_url, "--topic", "orders.created").strip() == "no dead letters to retry"
+    assert _retry(database_url, "--all").startswith("retried 1 dead letter(s)")
+    assert {m[1] for m in _messages(database_url)} == {kept}
+
+    discarded = _list(database_url, "--discarded")
+    assert sorted(letter["id"] for letter in discarded) == sorted([str(gone), str(gone_too)])
+    for letter in discarded:
+        assert letter["discarded_reason"] == "customer cancelled"
+        assert dt.datetime.fromisoformat(letter["discarded_at"]) >= dt.datetime.fromisoformat(
+            letter["dead_at"]
+        )
+    table = run_cli("dead-letters", "list", "--discarded", env=_env(database_url))
+    assert table.returncode == 0, table.stderr
+    assert "discarded at" in table.stdout and "customer cancelled" in table.stdout
+    assert str(kept) not in table.stdout
+
+
+def test_discard_selects_by_id_route_and_since(database_url: str) -> None:
+    migrate(database_url)
+    a = insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+    b = insert_dead_letter(database_url, route=KAFKA, topic="orders.created")
+    old = insert_dead_letter(database_url, route=HOOK, topic="orders.paid")
+    _age(database_url, old, "dead_at", "3 days")
+
+    def discard(*args: str) -> str:
+        result = run_cli("dead-letters", "discard", *args, "--yes", env=_env(database_url))
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert discard("--all", "--since", "1d", "--route", KAFKA) == (
+        f"discarded 1 dead letter(s) ({KAFKA}: 1)\n"
+    )
+    assert discard("--id", str(a)) == f"discarded 1 dead letter(s) ({HOOK}: 1)\n"
+    assert discard("--all", "--since", "1d") == "no dead letters to discard\n"
+    assert set(_discarded(database_url)) == {(a, HOOK), (b, KAFKA)}
+    assert _discarded(database_url)[(a, HOOK)] is None, "no --reason: none recorded"
+    missing = run_cli("dead-letters", "discard", "--id", str(a), "--yes", env=_env(database_url))
+    assert missing.returncode == 1, "a discarded letter is no longer a dead letter"
+    assert error_lines(missing.stderr) == [f"outbox-relay: error: no dead letter has id {a}"]
+    assert [letter["id"] for letter in _list(database_url)] == [str(old)]
+
+
+def test_discard_dry_run_changes_nothing(database_url: str) -> None:
+    migrate(database_url)
+    insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+    insert_dead_letter(database_url, route=KAFKA, topic="orders.created")
+    before = _letters_table(database_url)
+
+    result = run_cli("dead-letters", "discard", "--all", "--dry-run", env=_env(database_url))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"would discard 2 dead letter(s) ({HOOK}: 1, {KAFKA}: 1)\n"
+    assert _letters_table(database_url) == before
+
+
+@pytest.mark.parametrize(("answer", "discarded"), [("y", True), ("n", False), ("", False)])
+def test_discard_on_a_terminal_asks_first(database_url: str, answer: str, discarded: bool) -> None:
+    migrate(database_url)
+    insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+    insert_dead_letter(database_url, route=HOOK, topic="orders.paid")
+
+    code, output = run_on_terminal(
+        "dead-letters", "discard", "--all", env=_env(database_url), answer=answer
+    )
+
+    assert "Discard 2 dead letters? [y/N]" in output
+    if discarded:
+        assert code == 0, output
+        assert output.rstrip().endswith(f"discarded 2 dead letter(s) ({HOOK}: 2)")
+        assert len(_discarded(database_url)) == 2
+    else:
+        assert code == 1, output
+        assert output.rstrip().endswith("nothing discarded")
+        assert _discarded(database_url) == {}
 
 
 # --- end to end -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.app import SCHEMA_VERSION
 from tests.acceptance.cli import (
     error_lines,
     execute,
@@ -278,7 +279,7 @@ def test_run_on_an_outdated_schema_names_both_versions(
     assert result.returncode == 1, result.stderr
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr
-    assert "at version 1, this relay needs 3" in lines[0]
+    assert f"at version 1, this relay needs {SCHEMA_VERSION}" in lines[0]
     assert "outbox-relay migrate" in lines[0]
 
 

@@ -96,7 +96,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 HELP = {
-    (): ("migrate", "run", "status", "dead-letters", "routes"),
+    (): ("migrate", "run", "status", "dead-letters", "routes", "replay", "purge"),
     ("migrate",): ("--database-url", "--schema", "--config"),
     ("run",): (
         "--database-url", "--schema", "--config", "--kafka-bootstrap-servers",
@@ -119,9 +119,47 @@ def test_help(command: tuple[str, ...]) -> None:
 
 
 OPERATOR_HELP = {
-    ("dead-letters",): ("list", "retry"),
-    ("dead-letters", "list"): ("--topic", "--route", "--limit", "--json", "--database-url"),
-    ("dead-letters", "retry"): ("--id", "--topic", "--all", "--route", "--database-url"),
+    ("dead-letters",): ("list", "retry", "discard"),
+    ("dead-letters", "list"): (
+        "--id",
+        "--topic",
+        "--route",
+        "--since",
+        "--discarded",
+        "--limit",
+        "--json",
+        "--database-url",
+    ),
+    ("dead-letters", "retry"): (
+        "--id",
+        "--topic",
+        "--all",
+        "--route",
+        "--since",
+        "--dry-run",
+        "--database-url",
+    ),
+    ("dead-letters", "discard"): (
+        "--id",
+        "--topic",
+        "--all",
+        "--route",
+        "--since",
+        "--reason",
+        "--dry-run",
+        "--yes",
+    ),
+    ("replay",): (
+        "--topic",
+        "--route",
+        "--since",
+        "--until",
+        "--key",
+        "--limit",
+        "--dry-run",
+        "--database-url",
+    ),
+    ("purge",): ("--older-than", "--batch-size", "--dry-run", "--database-url"),
     ("routes",): ("list", "enable", "disable"),
     ("routes", "list"): ("--json", "--config"),
     ("routes", "enable"): ("NAME",),
@@ -150,6 +188,33 @@ OPERATOR_BAD_INPUT = {
     "dead-letters retry --id not-a-uuid": ("--id", "'not-a-uuid'", "UUID"),
     "dead-letters retry --all --topic t": ("--topic", "--all"),
     "dead-letters retry --all --bogus-flag": ("--bogus-flag",),
+    "dead-letters list --since yesterday": ("--since", "'yesterday'"),
+    "dead-letters list --id 7": ("--id", "'7'", "UUID"),
+    "dead-letters retry --all --since 5parsecs": ("--since", "'5parsecs'"),
+    "dead-letters discard": ("--id", "--topic", "--all"),
+    "dead-letters discard --all --topic t": ("--topic", "--all"),
+    "dead-letters discard --id nope": ("--id", "'nope'", "UUID"),
+    "dead-letters discard --all --since soon": ("--since", "'soon'"),
+    "dead-letters discard --all --bogus-flag": ("--bogus-flag",),
+    "dead-letters discard --all": ("confirmation", "--yes"),
+    "replay": ("--topic", "--route"),
+    "replay --topic t": ("--route",),
+    "replay --route r": ("--topic",),
+    "replay --topic t --route r --since later": ("--since", "'later'"),
+    "replay --topic t --route r --until never": ("--until", "'never'"),
+    "replay --topic t --route r --limit 0": ("--limit", "'0'", "positive"),
+    "replay --topic t --route r --since 1h --until 2h": ("--since", "--until"),
+    "replay --topic t --route r --since 2026-11-21T10:00Z --until 2026-11-20": (
+        "--since",
+        "--until",
+    ),
+    "replay --topic t --route r --bogus-flag": ("--bogus-flag",),
+    "purge": ("--older-than",),
+    "purge --older-than 0": ("--older-than", "'0'"),
+    "purge --older-than 0d": ("--older-than", "'0d'"),
+    "purge --older-than week": ("--older-than", "'week'"),
+    "purge --older-than 7d --batch-size 0": ("--batch-size", "'0'", "positive"),
+    "purge --older-than 7d --bogus-flag": ("--bogus-flag",),
     "routes list --bogus-flag": ("--bogus-flag",),
     "routes enable": ("NAME",),
     "routes disable no-route": ("no-route",),
@@ -163,13 +228,29 @@ def test_operator_commands_reject_bad_input(command: str) -> None:
     _assert_usage_error(result, *OPERATOR_BAD_INPUT[command])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not implemented yet: CONTRACT section 8 names `purge --older-than`, the CLI has "
-    "no such command",
-)
 def test_help_of_purge() -> None:
     result = run_cli("purge", "--help")
 
     assert result.returncode == 0, result.stderr
     assert "--older-than" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "status",
+        "dead-letters list --since 1h",
+        "dead-letters retry --all --dry-run",
+        "dead-letters discard --all --yes",
+        "replay --topic t --route r --since 1h",
+        "purge --older-than 7d",
+    ],
+)
+def test_operator_commands_on_an_unreachable_database_exit_1_with_one_line(command: str) -> None:
+    result = run_cli(*command.split(), env={"OUTBOX_DATABASE_URL": NO_DB})
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    [line] = error_lines(result.stderr)
+    assert line.startswith("outbox-relay: error: cannot connect to the database"), line
+    assert "Traceback" not in result.stderr

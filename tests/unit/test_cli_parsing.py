@@ -12,7 +12,7 @@ import pytest
 from relay.cli import main
 from relay.logs import JsonFormatter
 
-COMMANDS = ["migrate", "run", "status", "dead-letters", "routes", "demo"]
+COMMANDS = ["migrate", "run", "status", "dead-letters", "routes", "replay", "purge", "demo"]
 
 
 @pytest.fixture(autouse=True)
@@ -112,6 +112,12 @@ def test_unknown_command_exits_2_with_one_line(capsys: pytest.CaptureFixture[str
         (["demo", "--orders", "0"], "--orders"),
         (["dead-letters", "list", "--limit", "-1"], "--limit"),
         (["dead-letters", "retry", "--id", "7"], "--id"),
+        (["dead-letters", "list", "--since", "soon"], "--since"),
+        (["dead-letters", "discard", "--all", "--since", "x"], "--since"),
+        (["replay", "--topic", "t", "--route", "r", "--until", "x"], "--until"),
+        (["replay", "--topic", "t", "--route", ""], "--route"),
+        (["purge", "--older-than", "0s"], "--older-than"),
+        (["purge", "--older-than", "7d", "--batch-size", "-2"], "--batch-size"),
         (["routes", "disable", "no-route"], "NAME"),
     ],
 )

@@ -1,0 +1,466 @@
+"""``outbox-relay replay`` and ``outbox-relay purge`` (CONTRACT section 8).
+
+Delivery records and dead letters are written with SQL the way the relay writes them, and set
+back in time with UPDATE: what is tested here is the CLI. The last test has a real relay
+deliver a webhook, replays it, and the receiver gets the same ``webhook-id`` twice.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql as psql
+
+from outbox_lib._sqlfiles import load_queries, with_schema
+from tests.acceptance.cli import (
+    error_lines,
+    execute,
+    insert_dead_letter,
+    insert_delivery,
+    migrate,
+    publish_many,
+    query,
+    run_cli,
+    run_on_terminal,
+    scalar,
+    start_cli,
+    start_relay,
+)
+from tests.harness.relay import wait_until
+from tests.harness.webhook import WebhookServer, new_secret
+
+pytestmark = pytest.mark.acceptance
+
+HOOK = "billing-hook"
+KAFKA = "orders-to-kafka"
+TOPIC = "orders.created"
+
+
+def _env(database_url: str) -> dict[str, str | None]:
+    return {"OUTBOX_DATABASE_URL": database_url}
+
+
+def _replay(database_url: str, *args: str) -> str:
+    result = run_cli("replay", *args, env=_env(database_url))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    return result.stdout
+
+
+def _messages(database_url: str) -> list[tuple[Any, ...]]:
+    return query(
+        database_url,
+        "SELECT seq, id, topic, msg_key, payload, content_type, headers, idempotency_key,"
+        " bucket, created_at, fanned, claimed_by FROM outbox.message ORDER BY seq",
+    )
+
+
+def _pending(database_url: str) -> list[tuple[Any, ...]]:
+    return query(
+        database_url,
+        "SELECT seq, route, topic, msg_key, bucket, attempts, available_at <= now(), claimed_by"
+        " FROM outbox.route_pending ORDER BY seq, route",
+    )
+
+
+def _idempotency(database_url: str) -> list[tuple[Any, ...]]:
+    return query(database_url, "SELECT * FROM outbox.idempotency ORDER BY topic, idempotency_key")
+
+
+def _age_deliveries(database_url: str, interval: str, ids: list[uuid.UUID]) -> None:
+    execute(
+        database_url,
+        "UPDATE outbox.delivery SET delivered_at = now() - %s::interval WHERE message_id = ANY(%s)",
+        (interval, ids),
+    )
+
+
+# --- replay -----------------------------------------------------------------------------
+
+
+def test_replay_requeues_the_same_messages_for_that_route_only(database_url: str) -> None:
+    migrate(database_url)
+    # Published for real, so the idempotency table has rows a replay must leave alone.
+    [published] = publish_many(
+        database_url,
+        [{"topic": TOPIC, "payload": {"n": 0}, "key": "k0", "idempotency_key": "order-0"}],
+    )
+    execute(database_url, "DELETE FROM outbox.message")
+    idempotency = _idempotency(database_url)
+    assert len(idempotency) == 1
+    first = insert_delivery(
+        database_url, route=HOOK, topic=TOPIC, message_id=published, key=b"k0",
+        idempotency_key="order-0", payload=b'{"n": 0}', headers={"tenant": "acme"},
+    )  # fmt: skip
+    second = insert_delivery(database_url, route=HOOK, topic=TOPIC, key=b"k1")
+    keyless = insert_delivery(database_url, route=HOOK, topic=TOPIC, idempotency_key="order-2")
+    # The same message went to another route too, and another topic went to this route.
+    insert_delivery(database_url, route=KAFKA, topic=TOPIC, message_id=first, key=b"k0")
+    insert_delivery(database_url, route=HOOK, topic="orders.paid", key=b"k0")
+
+    out = _replay(database_url, "--topic", TOPIC, "--route", HOOK)
+
+    assert out == f"replayed 3 message(s) of topic {TOPIC} to route {HOOK}\n"
+    messages = _messages(database_url)
+    assert [m[1] for m in messages] == [first, second, keyless], "in delivery order"
+    (seq0, _, topic0, key0, payload0, ctype0, headers0, idem0, bucket0, _, fanned0, by0) = messages[
+        0
+    ]
+    assert (topic0, bytes(key0), bytes(payload0), ctype0) == (
+        TOPIC, b"k0", b'{"n": 0}', "application/json",
+    )  # fmt: skip
+    assert (headers0, idem0, fanned0, by0) == ({"tenant": "acme"}, "order-0", True, None)
+    assert bucket0 == scalar(database_url, "SELECT outbox.key_bucket('k0'::bytea)")
+    assert messages[1][8] == scalar(database_url, "SELECT outbox.key_bucket('k1'::bytea)")
+    assert messages[2][3] is None and messages[2][7] == "order-2"
+    assert all(m[10] for m in messages), "already fanned: no first pass over every route"
+    assert _pending(database_url) == [
+        (m[0], HOOK, TOPIC, m[3], m[8], 0, True, None) for m in messages
+    ], "one route_pending row each, for the replayed route only, due now"
+    assert seq0 == messages[0][0]
+    assert _idempotency(database_url) == idempotency, "the idempotency table is untouched"
+    assert scalar(database_url, "SELECT count(*) FROM outbox.delivery") == 5
+
+
+def test_replay_window_key_and_limit(database_url: str) -> None:
+    migrate(database_url)
+    old = insert_delivery(database_url, route=HOOK, topic=TOPIC, key=b"a")
+    middle = insert_delivery(database_url, route=HOOK, topic=TOPIC, key=b"b")
+    recent = [insert_delivery(database_url, route=HOOK, topic=TOPIC, key=b"a") for _ in range(3)]
+    _age_deliveries(database_url, "3 days", [old])
+    _age_deliveries(database_url, "5 hours", [middle])
+    _age_deliveries(database_url, "10 minutes", recent)
+
+    def replayed(*args: str) -> list[uuid.UUID]:
+        execute(database_url, "TRUNCATE outbox.message, outbox.route_pending")
+        out = _replay(database_url, "--topic", TOPIC, "--route", HOOK, *args)
+        ids = [m[1] for m in _messages(database_url)]
+        assert out == f"replayed {len(ids)} message(s) of topic {TOPIC} to route {HOOK}\n"
+        return ids
+
+    assert replayed("--since", "1h") == recent
+    assert replayed("--since", "1d", "--until", "1h") == [middle]
+    assert replayed("--until", "1d") == [old]
+    assert replayed("--key", "a") == [old, *recent]
+    assert replayed("--key", "a", "--since", "1d", "--limit", "2") == recent[:2]
+    assert replayed("--key", "\\x62") == [middle], "a key in hex, as dead-letters list shows"
+    [(iso,)] = query(
+        database_url, "SELECT to_char(now() - interval '1 day', 'YYYY-MM-DD\"T\"HH24:MI:SSOF')"
+    )
+    assert replayed("--since", iso) == [middle, *recent]
+
+
+def test_replay_of_a_message_delivered_twice_requeues_it_once(database_url: str) -> None:
+    migrate(database_url)
+    once = insert_delivery(database_url, route=HOOK, topic=TOPIC, key=b"k")
+    later = insert_delivery(database_url, route=HOOK, topic=TOPIC, key=b"k")
+    insert_delivery(database_url, route=HOOK, topic=TOPIC, key=b"k", message_id=once)
+
+    _replay(database_url, "--topic", TOPIC, "--route", HOOK)
+
+    assert [m[1] for m in _messages(database_url)] == [once, later], "first delivery's order"
+
+
+def test_replay_dry_run_changes_nothing(database_url: str) -> None:
+    migrate(database_url)
+    for _ in range(4):
+        insert_delivery(database_url, route=HOOK, topic=TOPIC)
+
+    out = _replay(database_url, "--topic", TOPIC, "--route", HOOK, "--limit", "3", "--dry-run")
+
+    assert out == f"would replay 3 message(s) of topic {TOPIC} to route {HOOK}\n"
+    assert _messages(database_url) == [] and _pending(database_url) == []
+
+
+def test_replay_to_a_route_not_configured_warns_and_replays(
+    database_url: str, tmp_config: Callable[..., Path]
+) -> None:
+    migrate(database_url)
+    insert_delivery(database_url, route="old-hook", topic=TOPIC)
+    config = tmp_config(
+        '[[routes]]\nname = "billing-hook"\ntopics = ["orders.*"]\nsink = "webhook"\n'
+        'url = "https://billing.example/hook"\nsecret = "whsec_c2VjcmV0"\n'
+    )
+
+    result = run_cli(
+        "replay", "--topic", TOPIC, "--route", "old-hook", "--config", str(config),
+        env=_env(database_url),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"replayed 1 message(s) of topic {TOPIC} to route old-hook\n"
+    assert error_lines(result.stderr) == [
+        "warning: route old-hook is not in the loaded configuration; its replayed messages "
+        "wait until a relay that has this route runs"
+    ]
+    assert [p[1] for p in _pending(database_url)] == ["old-hook"]
+
+
+def test_replay_with_since_after_until_exits_2_and_changes_nothing(database_url: str) -> None:
+    migrate(database_url)
+    insert_delivery(database_url, route=HOOK, topic=TOPIC)
+
+    result = run_cli(
+        "replay", "--topic", TOPIC, "--route", HOOK, "--since", "1h", "--until", "2h",
+        env=_env(database_url),
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == ["outbox-relay: error: --since must not be after --until"]
+    assert _messages(database_url) == []
+
+
+def test_replay_of_nothing_is_not_an_error(database_url: str) -> None:
+    migrate(database_url)
+
+    out = _replay(database_url, "--topic", TOPIC, "--route", HOOK)
+
+    assert out == f"replayed 0 message(s) of topic {TOPIC} to route {HOOK}\n"
+
+
+def test_replay_on_an_unreachable_database_exits_1_with_one_line() -> None:
+    result = run_cli(
+        "replay", "--topic", TOPIC, "--route", HOOK,
+        env={"OUTBOX_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert line.startswith("outbox-relay: error: cannot connect to the database")
+
+
+# --- purge ------------------------------------------------------------------------------
+
+
+def _purge(database_url: str, *args: str) -> str:
+    result = run_cli("purge", *args, env=_env(database_url))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _delivery_ids(database_url: str) -> set[uuid.UUID]:
+    return {row[0] for row in query(database_url, "SELECT message_id FROM outbox.delivery")}
+
+
+def _letter_ids(database_url: str) -> set[uuid.UUID]:
+    return {row[0] for row in query(database_url, "SELECT message_id FROM outbox.dead_letter")}
+
+
+def _discard(database_url: str, ids: list[uuid.UUID], ago: str) -> None:
+    execute(
+        database_url,
+        "UPDATE outbox.dead_letter SET discarded_at = now() - %s::interval,"
+        " discarded_reason = 'test', dead_at = now() - %s::interval - interval '1 hour'"
+        " WHERE message_id = ANY(%s)",
+        (ago, ago, ids),
+    )
+
+
+def test_purge_deletes_exactly_the_old_deliveries_and_discarded_letters(
+    database_url: str,
+) -> None:
+    migrate(database_url)
+    old_deliveries = [insert_delivery(database_url, route=HOOK, topic=TOPIC) for _ in range(3)]
+    new_deliveries = [insert_delivery(database_url, route=HOOK, topic=TOPIC) for _ in range(2)]
+    _age_deliveries(database_url, "8 days", old_deliveries)
+    _age_deliveries(database_url, "6 days 23 hours", new_deliveries[:1])
+    old_discarded = [insert_dead_letter(database_url, route=HOOK, topic=TOPIC) for _ in range(2)]
+    new_discarded = insert_dead_letter(database_url, route=HOOK, topic=TOPIC)
+    old_live = insert_dead_letter(
+        database_url, route=HOOK, topic=TOPIC, dead_seconds_ago=30 * 86400
+    )
+    new_live = insert_dead_letter(database_url, route=HOOK, topic=TOPIC)
+    _discard(database_url, old_discarded, "10 days")
+    _discard(database_url, [new_discarded], "6 days")
+
+    dry = _purge(database_url, "--older-than", "7d", "--dry-run")
+    assert dry == "would purge 3 delivery record(s) and 2 discarded dead letter(s) older than 7d\n"
+    assert len(_delivery_ids(database_url)) == 5 and len(_letter_ids(database_url)) == 5
+
+    out = _purge(database_url, "--older-than", "7d")
+
+    assert out == "purged 3 delivery record(s) and 2 discarded dead letter(s) older than 7d\n"
+    assert _delivery_ids(database_url) == set(new_deliveries)
+    assert _letter_ids(database_url) == {new_discarded, old_live, new_live}, (
+        "live dead letters stay, however old"
+    )
+    again = _purge(database_url, "--older-than", "7d")
+    assert again == "purged 0 delivery record(s) and 0 discarded dead letter(s) older than 7d\n"
+
+
+def test_purge_works_in_batches(database_url: str) -> None:
+    migrate(database_url)
+    old = [insert_delivery(database_url, route=HOOK, topic=TOPIC) for _ in range(7)]
+    kept = insert_delivery(database_url, route=HOOK, topic=TOPIC)
+    _age_deliveries(database_url, "2 hours", old)
+    letters = [insert_dead_letter(database_url, route=KAFKA, topic=TOPIC) for _ in range(3)]
+    _discard(database_url, letters, "2 hours")
+
+    result = run_cli(
+        "purge", "--older-than", "90m", "--batch-size", "2", "--log-level", "debug",
+        env=_env(database_url),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "purged 7 delivery record(s) and 3 discarded dead letter(s) older than 90m\n"
+    )
+    batches = re.findall(r"purge: batch (\d+) deleted (\d+) row\(s\) \((\w+)\)", result.stderr)
+    assert batches == [
+        ("1", "2", "ops_purge_deliveries"), ("2", "2", "ops_purge_deliveries"),
+        ("3", "2", "ops_purge_deliveries"), ("4", "1", "ops_purge_deliveries"),
+        ("5", "2", "ops_purge_discarded"), ("6", "1", "ops_purge_discarded"),
+    ], "seven rows in batches of two"  # fmt: skip
+    assert _delivery_ids(database_url) == {kept}
+    assert _letter_ids(database_url) == set()
+
+
+def test_purge_on_a_terminal_shows_progress(database_url: str) -> None:
+    migrate(database_url)
+    execute(
+        database_url,
+        "INSERT INTO outbox.delivery (message_id, seq, route, topic, payload, content_type,"
+        " headers, created_at, delivered_at, attempts)"
+        " SELECT gen_random_uuid(), n, %s, %s, '\\x7b7d', 'application/json', '{}',"
+        " now() - interval '9 days', now() - interval '8 days', 1"
+        " FROM generate_series(1, 25) AS n",
+        (HOOK, TOPIC),
+    )
+
+    code, output = run_on_terminal(
+        "purge", "--older-than", "7d", "--batch-size", "1", env=_env(database_url)
+    )
+
+    assert code == 0, output
+    progress = [line for line in output.splitlines() if line.startswith("purge: ")]
+    assert progress == [
+        "purge: 10 delivery record(s), 0 discarded dead letter(s) so far (10 batches)",
+        "purge: 20 delivery record(s), 0 discarded dead letter(s) so far (20 batches)",
+    ]
+    assert output.splitlines()[-1] == (
+        "purged 25 delivery record(s) and 0 discarded dead letter(s) older than 7d"
+    )
+
+
+def test_purge_waits_out_a_lock_instead_of_failing(database_url: str) -> None:
+    """A batch that cannot get its lock within the timeout (1 s) is tried again later: the
+    purge neither fails nor queues for long in front of whoever wants the table next."""
+    migrate(database_url)
+    old = insert_delivery(database_url, route=HOOK, topic=TOPIC)
+    _age_deliveries(database_url, "8 days", [old])
+    with psycopg.connect(database_url) as blocker:
+        # SHARE conflicts with the DELETE's ROW EXCLUSIVE lock, as CREATE INDEX would.
+        blocker.execute("LOCK TABLE outbox.delivery IN SHARE MODE")
+        purge = start_cli("purge", "--older-than", "7d", env=_env(database_url))
+        try:
+            wait_until(lambda: _waiting_deletes(database_url) == 1, 20, "the purge to wait")
+            time.sleep(1.5)  # more than the lock timeout: its first try gives up
+        finally:
+            blocker.rollback()
+            out, err = purge.communicate(timeout=30)
+
+    assert purge.returncode == 0, err
+    assert out == "purged 1 delivery record(s) and 0 discarded dead letter(s) older than 7d\n"
+    assert "purge: a batch waited 1s for a lock; trying again in" in err
+    assert _delivery_ids(database_url) == set()
+
+
+def _waiting_deletes(database_url: str) -> int:
+    return int(
+        scalar(
+            database_url,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%DELETE FROM%delivery%'",
+        )
+    )
+
+
+def test_purge_finds_old_deliveries_with_the_brin_index(database_url: str) -> None:
+    """Like the claim's plan check: the batch's subselect reads the block ranges that hold old
+    records (the BRIN index), not the whole log, and the DELETE goes straight to its rows."""
+    migrate(database_url)
+    execute(
+        database_url,
+        "INSERT INTO outbox.delivery (message_id, seq, route, topic, payload, content_type,"
+        " headers, created_at, delivered_at, attempts)"
+        " SELECT gen_random_uuid(), n, 'r', 't', '\\x7b7d', 'application/json', '{}',"
+        " now(), now() - make_interval(secs => 100000 - n), 1"
+        " FROM generate_series(1, 100000) AS n",
+    )
+    execute(database_url, "VACUUM ANALYZE outbox.delivery")
+    statement = load_queries("relay", "sql/queries.sql")["ops_purge_deliveries"]
+    explain = psql.SQL("EXPLAIN (FORMAT JSON) ") + with_schema(statement, "outbox")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        cutoff = conn.execute("SELECT now() - interval '98000 seconds'").fetchall()[0][0]
+        [(plan,)] = conn.execute(explain, {"cutoff": cutoff, "limit": 5000}).fetchall()
+
+    nodes = list(_plan_nodes(plan[0]["Plan"]))
+    summary = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
+    assert ("Bitmap Index Scan", None, "delivery_delivered_at_idx") in summary, summary
+    assert ("Tid Scan", "delivery", None) in summary, summary
+    assert not any(kind == "Seq Scan" for kind, _, _ in summary), summary
+
+
+def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+# --- end to end -------------------------------------------------------------------------
+
+
+def test_a_replayed_webhook_arrives_again_with_the_same_webhook_id(
+    database_url: str, tmp_config: Callable[..., Path]
+) -> None:
+    migrate(database_url)
+    secret = new_secret()
+    with WebhookServer(secret) as server:
+        config = tmp_config(
+            f'[[routes]]\nname = "{HOOK}"\ntopics = ["{TOPIC}"]\nsink = "webhook"\n'
+            f'url = "{server.url("/hook")}"\nsecret = "{secret}"\nallow_private_network = true\n'
+        )
+        env = {**_env(database_url), "OUTBOX_POLL_INTERVAL": "0.2"}
+        publish_many(
+            database_url,
+            [
+                {"topic": TOPIC, "payload": {"n": 1}, "key": "k", "idempotency_key": "order-1"},
+                {"topic": TOPIC, "payload": {"n": 2}, "key": "k"},
+            ],
+        )
+        with start_relay("--config", str(config), env=env) as relay:
+            assert server.wait_for(2, timeout=20), relay.output
+            wait_until(
+                lambda: scalar(database_url, "SELECT count(*) FROM outbox.delivery") == 2,
+                10,
+                "both deliveries recorded",
+            )
+            idempotency = _idempotency(database_url)
+
+            out = _replay(database_url, "--topic", TOPIC, "--route", HOOK, "--key", "k")
+
+            assert out == f"replayed 2 message(s) of topic {TOPIC} to route {HOOK}\n"
+            assert server.wait_for(4, timeout=20), relay.output
+            wait_until(
+                lambda: scalar(database_url, "SELECT count(*) FROM outbox.delivery") == 4,
+                10,
+                "the replayed deliveries recorded",
+            )
+            assert relay.stop() == 0, relay.output
+
+    requests = server.requests
+    first, second = requests[:2], requests[2:]
+    assert [r.webhook_id for r in second] == [r.webhook_id for r in first]
+    assert first[0].webhook_id == "order-1"
+    assert [r.json() for r in second] == [{"n": 1}, {"n": 2}], "in the original order"
+    assert all(r.ok for r in requests), "signed with the route's secret"
+    assert _idempotency(database_url) == idempotency
+    assert scalar(database_url, "SELECT count(*) FROM outbox.message") == 0
+    assert scalar(database_url, "SELECT count(*) FROM outbox.route_pending") == 0
