@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, NoReturn, TypeVar
 
 from . import __version__
 from .config import OPTION_BY_NAME, argparse_type
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .moments import When
 
 EXIT_USAGE = 2
+T = TypeVar("T")
 
 
 class Duration(NamedTuple):
@@ -283,22 +284,24 @@ def _uuid(raw: str) -> uuid.UUID:
         raise argparse.ArgumentTypeError(f"expected a message id (a UUID), got {raw!r}") from None
 
 
+def _checked(check: Callable[[str], T], raw: str) -> T:
+    """``check(raw)``, its ValueError becoming argparse's one-line usage error."""
+    try:
+        return check(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _when(raw: str) -> When:
     from .moments import parse_when
 
-    try:
-        return parse_when(raw)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return _checked(parse_when, raw)
 
 
 def _older_than(raw: str) -> Duration:
     from .moments import parse_positive_duration
 
-    try:
-        return Duration(raw.strip(), parse_positive_duration(raw))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return Duration(raw.strip(), _checked(parse_positive_duration, raw))
 
 
 def _nonempty(raw: str) -> str:
@@ -310,10 +313,7 @@ def _nonempty(raw: str) -> str:
 def _route_name(raw: str) -> str:
     from .routestate import check_route_name
 
-    try:
-        return check_route_name(raw)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return _checked(check_route_name, raw)
 
 
 def _positive(raw: str) -> int:

@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.harness import ports
 from tests.harness.kafka import (
@@ -87,3 +90,18 @@ def tmp_config(tmp_path: Path) -> Callable[..., Path]:
 def free_port() -> int:
     """A currently-free localhost TCP port (e.g. for the relay's metrics endpoint)."""
     return ports.free_port()
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    """Spans recorded in memory, for tracing tests (opentelemetry-sdk is a dev dependency)."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    """A tracer provider of the test's own (the global one can be set only once)."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider
+    provider.shutdown()
