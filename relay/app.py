@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -28,7 +29,7 @@ from .runtime import RouteRuntime
 from .sinks.base import Sink
 from .sinks.kafka import KafkaSink
 from .sinks.webhook import WebhookSink
-from .store import Store
+from .store import DB_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ async def run_relay(
     try:
         server, observing = _observe(settings, engine, stop)
     except BaseException:
+        with contextlib.suppress(*DB_ERRORS):
+            await membership.leave()  # give the buckets back now, not after their lease
         await membership.close()
         await store.close()
         raise
@@ -182,7 +185,7 @@ def _observe(
         engine.membership,
         settings.metrics_refresh_seconds,
     )
-    engine.health, engine.metrics_port = health, server.port
+    engine.metrics_port = server.port
     return server, asyncio.create_task(observer.run(stop))
 
 

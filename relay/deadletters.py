@@ -12,7 +12,9 @@ webhook receivers see the same ``idempotency-key``/``webhook-id``):
   relays route it with the routes they have now: add a route, then retry.
 
 Everything happens in one transaction; see ``ops_retry_dead_letters`` in ``sql/queries.sql``.
-A dry run (``preview``) counts what a retry or discard would take and changes nothing.
+A dry run (``preview``) counts what a retry or discard would take and changes nothing; a
+discard confirmed after such a count takes exactly the letters counted, or none if they
+changed in between.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import psycopg
 from rich.table import Table
 
 from .db import schema_required
-from .errors import NotFoundError
+from .errors import NotFoundError, RelayError
 from .moments import When, resolve
 from .plan import NO_ROUTE
 from .store import relay_queries
@@ -87,7 +89,8 @@ class Selection:
     """Which dead letters; every field ``None`` means all of them.
 
     ``since``: dead-lettered at or after that time (or within that long ago). ``upto``:
-    dead-lettered at or before that time (set by :func:`preview` for a confirmed discard).
+    dead-lettered at or before that time, and ``checksum``: which letters were counted (both
+    set by :func:`preview`, for a confirmed discard).
     """
 
     id: uuid.UUID | None = None
@@ -95,13 +98,14 @@ class Selection:
     route: str | None = None
     since: When | None = None
     upto: dt.datetime | None = None
+    checksum: int | None = None
 
     def params(self, conn: psycopg.Connection[Any], schema: str) -> dict[str, Any]:
         """Query parameters, with ``since`` on the database's clock."""
         since = resolve(conn, schema, self.since)
         return {
             "id": self.id, "topic": self.topic, "route": self.route,
-            "since": since, "upto": self.upto,
+            "since": since, "upto": self.upto, "checksum": self.checksum,
         }  # fmt: skip
 
 
@@ -123,8 +127,10 @@ class Retried:
 class Preview:
     """What a retry or discard of ``selection`` would take, counted at one moment.
 
-    ``selection`` is the one counted, its ``since`` fixed and ``upto`` the time of the count:
-    discarding it after a confirmation takes no letter dead-lettered in between.
+    ``selection`` is the one counted: its ``since`` fixed, ``upto`` the newest counted
+    letter's ``dead_at`` and ``checksum`` which letters were counted. Discarding it after a
+    confirmation takes exactly the letters counted, or none if they changed in between
+    (:func:`discard_dead_letters`).
     """
 
     selection: Selection
@@ -185,10 +191,12 @@ def preview(conn: psycopg.Connection[Any], schema: str, selection: Selection) ->
         if not rows:
             _check_found(selection)
             return Preview(replace(selection, since=params["since"]), Retried())
-        per_route = {str(route): int(count) for route, count, _, _ in rows}
+        per_route = {str(route): int(count) for route, count, *_ in rows}
         disabled = _disabled_among(conn, schema, per_route)
-    counted = Retried(per_route, int(rows[0][2]), disabled)
-    return Preview(replace(selection, since=params["since"], upto=rows[0][3]), counted)
+    _, _, messages, newest, checksum = rows[0]
+    counted = Retried(per_route, int(messages), disabled)
+    fixed = replace(selection, since=params["since"], upto=newest, checksum=int(checksum))
+    return Preview(fixed, counted)
 
 
 def retry_dead_letters(conn: psycopg.Connection[Any], schema: str, selection: Selection) -> Retried:
@@ -212,18 +220,26 @@ def retry_dead_letters(conn: psycopg.Connection[Any], schema: str, selection: Se
 def discard_dead_letters(
     conn: psycopg.Connection[Any], schema: str, selection: Selection, reason: str | None = None
 ) -> Discarded:
-    """Mark the selected live dead letters discarded (now, with ``reason``).
+    """Mark the selected live dead letters discarded (now, with ``reason``). A selection
+    counted by :func:`preview` takes exactly the letters counted, or none.
 
-    Raises :class:`NotFoundError` when ``selection.id`` names no live dead letter.
+    Raises :class:`NotFoundError` when ``selection.id`` names no live dead letter, and
+    :class:`RelayError` when the counted letters changed before the discard.
     """
     note = reason.strip() if reason and reason.strip() else None
     with schema_required(schema):
         params = selection.params(conn, schema) | {"reason": note}
         query = relay_queries(schema)["ops_discard_dead_letters"]
         rows = conn.execute(query, params).fetchall()
-    if not rows:
+    if selection.checksum is not None and int(rows[0][1]) != selection.checksum:
+        raise RelayError(
+            f"the dead letters changed after they were counted ({rows[0][0]} match now): "
+            "nothing discarded; run the command again"
+        )
+    discarded = {str(route): int(count) for _, _, route, count in rows if route is not None}
+    if not discarded:
         _check_found(selection)
-    return Discarded({str(route): int(count) for route, count in rows})
+    return Discarded(discarded)
 
 
 def _disabled_among(

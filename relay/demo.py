@@ -220,7 +220,7 @@ def run_demo(orders: int, relays: int, workdir: str | None) -> int:
         startup = time.monotonic() - began
         tally = Tally()
         conn = stack.enter_context(connect(pg.url, autocommit=True))
-        watch = _Watch(tally, hook, console, conn, relay_queries(settings.schema)["status_pending"])
+        watch = _Watch(tally, hook, console, conn, relay_queries(settings.schema)["gauge_topics"])
         drained = asyncio.run(_pipeline(db, settings, orders, relays, watch))
         if drained is None:
             console.print(

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 from .config import Settings
 from .errors import one_line
-from .health import Health
 from .lanes import Lane, LaneSettings
 from .membership import Membership
 from .metrics import Metrics
@@ -71,7 +70,6 @@ class Engine:
     _stop: asyncio.Event | None = None
     _routes_checked: float = 0.0
     metrics: Metrics = field(init=False)
-    health: Health | None = None  # set when /readyz is served
     metrics_port: int | None = None  # the port bound (the setting may say 0: any free port)
 
     def __post_init__(self) -> None:

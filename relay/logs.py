@@ -8,6 +8,7 @@ webhook secrets never leave :mod:`relay.sinks.signature`.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import logging
 import sys
@@ -39,14 +40,18 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-class _RelayTag(logging.Filter):
-    """Adds ``relay_id`` to every record once the relay has an id."""
+# The relay whose task is logging: set by run_relay, inherited by the tasks and worker
+# threads it starts (so several relays in one process, as in the demo, each log their own).
+_RELAY_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_id", default=None)
 
-    relay_id: str | None = None
+
+class _RelayTag(logging.Filter):
+    """Adds ``relay_id`` to every record logged on behalf of a relay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.relay_id is not None and not hasattr(record, "relay_id"):
-            record.relay_id = self.relay_id
+        relay_id = _RELAY_ID.get()
+        if relay_id is not None and not hasattr(record, "relay_id"):
+            record.relay_id = relay_id
         return True
 
 
@@ -54,8 +59,9 @@ _TAG = _RelayTag()
 
 
 def tag_relay(relay_id: str) -> None:
-    """From now on, every log record of this process names the relay (JSON: ``relay_id``)."""
-    _TAG.relay_id = relay_id
+    """From now on, records logged in this context (the relay's task and what it starts)
+    name the relay (JSON: ``relay_id``)."""
+    _RELAY_ID.set(relay_id)
 
 
 def configure_logging(level: str, fmt: str) -> None:

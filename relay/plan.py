@@ -21,15 +21,16 @@ import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .sinks.base import Delivered, Failed, Outbound, Result
+from .sinks.base import SHUTDOWN, Delivered, Failed, Outbound, Result
 
 NO_ROUTE = "no-route"
 DISABLED = "route disabled"  # the reason of dead letters of a disabled route
 PAUSED = "route paused"  # the status of a message not sent because its route is paused
 
-# Statuses of verdicts for which nothing was sent: parked or held behind an earlier message
-# of the key, not sent while the route is paused, dead-lettered because the route is disabled.
-NOT_ATTEMPTED = frozenset({None, "held", PAUSED, "disabled"})
+# Statuses of verdicts that are no failure of the sink: parked or held behind an earlier
+# message of the key, not sent while the route is paused, dead-lettered because the route is
+# disabled, or given back unanswered because the relay is stopping.
+NOT_ATTEMPTED = frozenset({None, "held", PAUSED, "disabled", SHUTDOWN})
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,32 @@
 
 Deletes ``delivery`` records delivered before the cut-off (``now() - DURATION``, fixed when
 the purge starts) and dead letters discarded before it, never live dead letters. It works in
-batches of ``batch_size`` rows, each its own short transaction with a lock timeout: the
-relays' writes never wait behind a purge, and a batch that could not get a lock in time is
-tried again after a pause instead of failing the purge. Rows go in the order the indexes
-find them (``delivery_delivered_at_idx``, a BRIN index, and ``dead_letter_discarded_idx``);
-see ``ops_purge_*`` in ``sql/queries.sql``.
+batches of at most ``batch_size`` rows, each its own short transaction with a lock timeout:
+the relays' writes never wait behind a purge, and a batch that could not get a lock in time
+is tried again after a pause instead of failing the purge.
+
+Each table is walked once, front to back, in windows of heap blocks. One pass first counts
+the rows to delete and finds the first and last heap block holding one (the :class:`Span`).
+Each batch then picks the first ``batch_size`` of them in a window of ``W`` blocks and
+deletes up to the last one picked, both with TID range scans that read only the window
+(``ops_purge_*`` in ``sql/queries.sql``; PostgreSQL 14 or later). A full batch is followed by
+one starting right after its last row; any other by one starting at the next window.
+Picking rows through an index instead made the purge quadratic: through the BRIN index on
+``delivered_at`` each batch re-read the blocks earlier batches had emptied (BRIN summaries
+never shrink), and each batch of dead letters joined its rows with every letter still to
+purge.
+
+Why it is linear. With ``B`` blocks and ``R`` rows in the span, ``W = batch_size * B // R``
+(at least 1): a window holds ``batch_size`` rows on average. Every batch reads at most ``W``
+blocks twice, plus the block of each row it deletes. There are at most ``R / batch_size``
+full batches, and each other batch moves a whole window on, so at most ``B / W + 1`` of
+those: in all at most ``2 * (W * R / batch_size + B + W)`` block reads and ``R`` row
+deletions, however the rows are spread. ``W * R / batch_size`` is at most ``B`` (or, when
+one block holds more than a batch and ``W`` is 1, the number of full batches).
+
+No row moves while the walk passes: ``delivery`` is append-only, and a discarded letter is
+only ever rewritten as a live one (dead-lettered again), which the batch's check of the
+cut-off leaves alone. Rows added meanwhile are newer than the cut-off.
 """
 
 from __future__ import annotations
@@ -15,7 +36,7 @@ import datetime as dt
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +53,7 @@ PROGRESS_EVERY = 10  # batches between two progress lines
 LOCK_TIMEOUT = "1s"
 FIRST_PAUSE = 0.1  # seconds before a batch that timed out on a lock is tried again
 MAX_PAUSE = 5.0
+TABLES = ("ops_purge_deliveries", "ops_purge_discarded")  # with ``_span`` and ``_pick`` queries
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +65,27 @@ class Purged:
     batches: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Where one table's rows to purge are: how many, and the first and last heap block
+    holding one (``first > last`` when there are none)."""
+
+    rows: int
+    first: int
+    last: int
+
+    def window(self, batch_size: int) -> int:
+        """Blocks a batch may read: ``batch_size`` rows to delete on average, at least 1."""
+        return max(1, batch_size * (self.last - self.first + 1) // max(self.rows, 1))
+
+
 def count_purgeable(conn: psycopg.Connection[Any], schema: str, older_than: dt.timedelta) -> Purged:
     """What ``purge`` would delete now; deletes nothing."""
     queries = relay_queries(schema)
     with schema_required(schema):
         cutoff = resolve(conn, schema, older_than)
-        row = conn.execute(queries["ops_count_purgeable"], {"cutoff": cutoff}).fetchone()
-    assert row is not None
-    return Purged(int(row[0]), int(row[1]))
+        deliveries, letters = (_span(conn, queries[f"{t}_span"], cutoff).rows for t in TABLES)
+    return Purged(deliveries, letters)
 
 
 def purge(
@@ -66,17 +101,51 @@ def purge(
     running totals after each batch. ``conn`` must be in autocommit mode."""
     queries = relay_queries(schema)
     with schema_required(schema):
-        params = {"cutoff": resolve(conn, schema, older_than), "limit": batch_size}
+        cutoff = resolve(conn, schema, older_than)
         totals = Purged()
-        for name in ("ops_purge_deliveries", "ops_purge_discarded"):
-            deleted = batch_size
-            while deleted == batch_size:
-                deleted = _batch(conn, queries["ops_lock_timeout"], queries[name], params, sleep)
+        for name in TABLES:
+            span = _span(conn, queries[f"{name}_span"], cutoff)
+            params = {"cutoff": cutoff, "limit": batch_size}
+            for deleted in _walk(conn, queries, name, span, params, sleep):
                 totals = _add(totals, name, deleted)
                 log.debug("purge: batch %d deleted %d row(s) (%s)", totals.batches, deleted, name)
                 if on_batch is not None:
                     on_batch(totals)
     return totals
+
+
+def _span(conn: psycopg.Connection[Any], query: sql.Composed, cutoff: dt.datetime | None) -> Span:
+    row = conn.execute(query, {"cutoff": cutoff}).fetchone()
+    assert row is not None
+    rows, first, last = row
+    return Span(int(rows), 0, -1) if not rows else Span(int(rows), int(first), int(last))
+
+
+def _walk(
+    conn: psycopg.Connection[Any],
+    queries: Mapping[str, sql.Composed],
+    name: str,
+    span: Span,
+    params: dict[str, Any],
+    sleep: Callable[[float], None],
+) -> Iterator[int]:
+    """Rows deleted per batch, front to back over ``span`` (see the module docstring)."""
+    size = span.window(params["limit"])
+    after, block = _start_of(span.first), span.first
+    while block <= span.last:
+        before = min(block + size, span.last + 1)
+        window = params | {"after": after, "before": _start_of(before)}
+        deleted, last = _batch(conn, queries, name, window, sleep)
+        yield deleted
+        if last is None:
+            after, block = _start_of(before), before
+        else:  # a full batch: its window may hold more after its last row
+            after, block = last, int(last.strip("()").split(",")[0])
+
+
+def _start_of(block: int) -> str:
+    """The tid just before the first row of ``block`` (row offsets start at 1)."""
+    return f"({block},0)"
 
 
 def _add(totals: Purged, query: str, deleted: int) -> Purged:
@@ -87,24 +156,40 @@ def _add(totals: Purged, query: str, deleted: int) -> Purged:
 
 def _batch(
     conn: psycopg.Connection[Any],
-    lock_timeout: sql.Composed,
-    query: sql.Composed,
+    queries: Mapping[str, sql.Composed],
+    name: str,
     params: dict[str, Any],
     sleep: Callable[[float], None],
-) -> int:
+) -> tuple[int, str | None]:
     """One batch in its own transaction; on a lock timeout, pause and try it again."""
     pause = FIRST_PAUSE
     while True:
         try:
             with conn.transaction():
-                conn.execute(lock_timeout, {"timeout": LOCK_TIMEOUT})
-                return conn.execute(query, params).rowcount
+                conn.execute(queries["ops_lock_timeout"], {"timeout": LOCK_TIMEOUT})
+                return _pick_and_delete(conn, queries, name, params)
         except psycopg.errors.LockNotAvailable:
             log.warning(
                 "purge: a batch waited %s for a lock; trying again in %.1f s", LOCK_TIMEOUT, pause
             )
             sleep(pause)
             pause = min(pause * 2, MAX_PAUSE)
+
+
+def _pick_and_delete(
+    conn: psycopg.Connection[Any],
+    queries: Mapping[str, sql.Composed],
+    name: str,
+    params: dict[str, Any],
+) -> tuple[int, str | None]:
+    """Rows deleted, and the tid of the last one picked if the batch was full."""
+    row = conn.execute(queries[f"{name}_pick"], params).fetchone()
+    assert row is not None
+    picked, last = int(row[0]), row[1]
+    if not picked:
+        return 0, None
+    deleted = conn.execute(queries[name], params | {"last": last}).rowcount
+    return deleted, last if picked == params["limit"] else None
 
 
 def print_progress(totals: Purged) -> None:

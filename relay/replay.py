@@ -4,8 +4,10 @@ The ``delivery`` log keeps a full copy of every message a route acknowledged. Re
 the chosen ones back in ``message`` with their id, idempotency key and key, already fanned,
 with a ``route_pending`` row for that route only, due now, in the order they were first
 delivered: Kafka consumers see the same ``idempotency-key`` and ``outbox-message-id``,
-webhook receivers the same ``webhook-id``, and other routes get nothing. The idempotency
-table is not touched. See ``ops_replay_deliveries`` in ``sql/queries.sql``.
+webhook receivers the same ``webhook-id``, and other routes get nothing. A chosen message
+that already waits for that route (replayed or retried, not yet delivered) is skipped, so a
+replay run twice queues each message once. The idempotency table is not touched. See
+``ops_replay_deliveries`` in ``sql/queries.sql``.
 
 Example::
 
@@ -42,10 +44,11 @@ class Replay:
 @dataclass(frozen=True, slots=True)
 class Replayed:
     """How many messages were (or, in a dry run, would be) replayed; why the route is
-    disabled, if it is."""
+    disabled, if it is; how many of those chosen were skipped, already queued for it."""
 
     messages: int
     disabled: str | None = None
+    skipped: int = 0
 
 
 def parse_key(text: str) -> bytes:
@@ -61,8 +64,8 @@ def parse_key(text: str) -> bytes:
 def replay(
     conn: psycopg.Connection[Any], schema: str, request: Replay, *, dry_run: bool = False
 ) -> Replayed:
-    """Queue the chosen deliveries again in one transaction and wake the relays (a dry run
-    counts them and changes nothing)."""
+    """Queue the chosen deliveries again in one transaction, but for those already queued
+    for the route, and wake the relays (a dry run counts them and changes nothing)."""
     queries = relay_queries(schema)
     with schema_required(schema), conn.transaction():
         params = {
@@ -76,13 +79,13 @@ def replay(
         }
         row = conn.execute(queries["ops_replay_deliveries"], params).fetchone()
         assert row is not None
-        chosen, queued = int(row[0]), int(row[1])
+        fresh, queued, skipped = (int(n) for n in row)
         disabled = conn.execute(
             queries["ops_disabled_routes_among"], {"routes": [request.route]}
         ).fetchall()
         if queued:
             conn.execute(queries["ops_wake_relays"])
-    return Replayed(chosen, (disabled[0][1] or "disabled") if disabled else None)
+    return Replayed(fresh, (disabled[0][1] or "disabled") if disabled else None, skipped)
 
 
 def print_replayed(
@@ -90,8 +93,10 @@ def print_replayed(
 ) -> None:
     """The outcome on stdout; a disabled or unconfigured route as a warning on stderr."""
     done = "would replay" if dry_run else "replayed"
+    skipped = f" ({replayed.skipped} already queued, skipped)" if replayed.skipped else ""
     print(
-        f"{done} {replayed.messages} message(s) of topic {request.topic} to route {request.route}"
+        f"{done} {replayed.messages} message(s) of topic {request.topic} to route "
+        f"{request.route}{skipped}"
     )
     if not replayed.messages:
         return

@@ -8,11 +8,12 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from .backoff import Backoff
 from .config import Route
 from .plan import DISABLED, NO_ROUTE, RecordPlan
-from .sinks.base import Failed, Outbound, Result, Sink
+from .sinks.base import SHUTDOWN, Failed, Outbound, Result, Sink
 
 log = logging.getLogger("relay.engine")
 
@@ -21,6 +22,14 @@ MAX_RETRY_AFTER = 86400.0
 
 # Pauses of a route whose sink is unreachable (broker down, endpoint refusing connections).
 OUTAGE_BACKOFF = Backoff(initial=0.5, maximum=30.0)
+# How long after its pause an unanswered outage still makes the relay unready: long enough
+# for the next attempt to answer, short enough that an outage nobody retries is forgotten.
+OUTAGE_SETTLE = 5.0
+
+
+def _outage(result: Result) -> TypeGuard[Failed]:
+    """A failure saying the sink cannot be reached (a stopping relay's give-up is not one)."""
+    return isinstance(result, Failed) and result.kind == "unavailable" and result.reason != SHUTDOWN
 
 
 @dataclass
@@ -75,7 +84,7 @@ class RouteRuntime:
 
     def observe(self, results: Sequence[Result]) -> None:
         """Pause the route while its sink is unreachable; resume on the first success."""
-        down = next((r for r in results if isinstance(r, Failed) and r.kind == "unavailable"), None)
+        down = next((r for r in results if _outage(r)), None)
         if down is not None:
             self.outage = down.reason
             self._pause(None)
@@ -96,6 +105,14 @@ class RouteRuntime:
         self.failures = 0
         self.paused_until = 0.0
         self.outage = None
+
+    def unreachable(self) -> str | None:
+        """Why the sink is unreachable, while the route waits it out and for
+        :data:`OUTAGE_SETTLE` seconds after (no attempt may come to clear it: no traffic, or
+        its messages went to another relay); None otherwise."""
+        if self.outage is None or time.monotonic() > self.paused_until + OUTAGE_SETTLE:
+            return None
+        return self.outage
 
     def _pause(self, at_least: float | None) -> None:
         if self.pause_left() > 0:

@@ -51,23 +51,26 @@ def read_status(conn: psycopg.Connection[Any], schema: str) -> Report:
     def run(name: str) -> list[tuple[Any, ...]]:
         return conn.execute(queries[name]).fetchall()
 
+    # The same queries as the relays' gauges (relay.health): status and metrics agree.
     with schema_required(schema):
-        pending, dead = run("status_pending"), run("status_dead")
-        relays, unowned = run("status_relays"), run("status_unowned")
+        pending, dead = run("gauge_topics"), run("gauge_dead_letters")
+        relays, ((_, unowned),) = run("status_relays"), run("gauge_relays")
     routes = read_routes(conn, schema)
     topics: dict[str, TopicStatus] = {}
     for topic, count, age in pending:
         topics[topic] = TopicStatus(int(count), 0, float(age) if age is not None else None)
-    for topic, count in dead:
+    for topic, _route, count in dead:
         current = topics.get(topic, TopicStatus())
-        topics[topic] = TopicStatus(current.pending, int(count), current.oldest_pending_age_seconds)
+        topics[topic] = TopicStatus(
+            current.pending, current.dead + int(count), current.oldest_pending_age_seconds
+        )
     return Report(
         dict(sorted(topics.items())),
         [
             RelayStatus(rid, host, int(pid), started, beat, float(age), tuple(held), tuple(drain))
             for rid, host, pid, started, beat, age, held, drain in relays
         ],
-        int(unowned[0][0]),
+        int(unowned),
         routes,
     )
 

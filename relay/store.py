@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -62,12 +64,15 @@ def _session_options(hold_seconds: float) -> str:
     return f"-c jit=off -c synchronous_commit=off -c idle_in_transaction_session_timeout={idle_ms}"
 
 
-def relay_queries(schema: str) -> dict[str, sql.Composed]:
-    """Every statement of ``sql/queries.sql``, with ``schema`` substituted."""
-    return {
-        name: with_schema(text, schema)
-        for name, text in load_queries("relay", "sql/queries.sql").items()
-    }
+@functools.cache
+def relay_queries(schema: str) -> Mapping[str, sql.Composed]:
+    """Every statement of ``sql/queries.sql``, with ``schema`` substituted (built once)."""
+    return MappingProxyType(
+        {
+            name: with_schema(text, schema)
+            for name, text in load_queries("relay", "sql/queries.sql").items()
+        }
+    )
 
 
 def _outbound(row: Sequence[Any]) -> Outbound:
@@ -299,6 +304,7 @@ class Store:
     async def gauges(self) -> Gauges:
         """The database-derived gauges, read in one short transaction."""
         async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(self._q["gauge_timeout"])
             topics = await (await conn.execute(self._q["gauge_topics"])).fetchall()
             dead = await (await conn.execute(self._q["gauge_dead_letters"])).fetchall()
             relays = await (await conn.execute(self._q["gauge_relays"])).fetchone()

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from ..config import Route
 
 FailureKind = Literal["unavailable", "retry", "permanent", "held", "gone"]
+
+# The reason of a send given up unanswered because the relay is stopping (not an outage).
+SHUTDOWN = "shutdown"
 FailureScope = Literal["message", "endpoint"]
 
 

@@ -18,7 +18,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ..config import ProducerValue, Route
 from ..tracing import Spans
-from .base import Delivered, Failed, Outbound, Result
+from .base import SHUTDOWN, Delivered, Failed, Outbound, Result
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,10 @@ class _Batch:
             self.remaining -= 1
         self.results[index] = result
 
-    def finish(self, reason: str) -> list[Result]:
-        return [r if r is not None else Failed("unavailable", reason) for r in self.results]
+    def finish(self) -> list[Result]:
+        """Every report; records without one were given up because the relay is stopping."""
+        unanswered = Failed("unavailable", SHUTDOWN, "relay stopped before the broker answered")
+        return [r if r is not None else unanswered for r in self.results]
 
 
 class KafkaSink:
@@ -144,6 +146,7 @@ class KafkaSink:
         self.spans = Spans()
         # A topic a record was delivered to: what readiness probes ask about.
         self.known_topic: str | None = None
+        self._closed = False
 
     def _get_producer(self) -> Producer:
         with self._lock:
@@ -179,7 +182,7 @@ class KafkaSink:
             producer.poll(0.5)
         if pending.fatal:
             self._drop_producer(producer)
-        results = pending.finish("shutdown before the broker acknowledged")
+        results = pending.finish()
         for message, result in zip(batch, results, strict=True):
             if isinstance(result, Delivered):
                 self.known_topic = route.target_topic(message.topic)
@@ -231,6 +234,10 @@ class KafkaSink:
         """
 
         def ask() -> None:
+            with self._lock:
+                producer = self._producer
+            if producer is None and self._closed:
+                return  # the relay is stopping: no new producer only to ask
             self._get_producer().list_topics(topic, timeout=timeout)
 
         try:
@@ -244,6 +251,7 @@ class KafkaSink:
 
     async def close(self) -> None:
         with self._lock:
+            self._closed = True
             producer, self._producer = self._producer, None
         if producer is not None:
             await asyncio.to_thread(producer.flush, 5.0)

@@ -31,7 +31,7 @@ import httpx
 from .. import __version__
 from ..config import Route
 from ..tracing import Spans, trace_headers
-from .base import Delivered, Failed, FailureScope, KeyGate, Outbound, Result
+from .base import SHUTDOWN, Delivered, Failed, FailureScope, KeyGate, Outbound, Result
 from .signature import sign
 from .ssrf import blocked_reason, literal_ip
 
@@ -279,7 +279,7 @@ class WebhookSink:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.cancelled():  # aborted: the endpoint may or may not have it
-                return Failed("unavailable", "shutdown", "relay stopped before the answer")
+                return Failed("unavailable", SHUTDOWN, "relay stopped before the answer")
             raise
         finally:
             self._requests.discard(task)

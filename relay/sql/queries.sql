@@ -206,15 +206,6 @@ SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)
 SELECT extract(epoch FROM min(available_at) - now()) FROM {schema}.route_pending
  WHERE route = ANY(%(routes)s::text[])
 
--- name: status_pending
-SELECT topic, count(*), extract(epoch FROM now() - min(created_at))
-  FROM {schema}.message
- GROUP BY topic
-
--- name: status_dead
--- Live dead letters: a discarded one is kept for audit but is no longer dead-lettered.
-SELECT topic, count(*) FROM {schema}.dead_letter WHERE discarded_at IS NULL GROUP BY topic
-
 -- name: schema_version
 SELECT max(version) FROM {schema}.schema_migrations
 
@@ -231,11 +222,6 @@ SELECT r.relay_id, r.host, r.pid, r.started_at, r.heartbeat_at,
  WHERE r.expires_at > now()
  GROUP BY r.relay_id
  ORDER BY r.relay_id
-
--- name: status_unowned
-SELECT count(*) FROM {schema}.bucket_lease b
- WHERE NOT EXISTS (SELECT 1 FROM {schema}.relay r
-                    WHERE r.relay_id = b.holder AND r.expires_at > now())
 
 -- Bucket ownership. Membership changes run one at a time under a transaction-scoped
 -- advisory lock; each is a handful of statements over at most 256 rows.
@@ -364,11 +350,12 @@ SELECT message_id, route, topic, msg_key, attempts, last_status, reason, last_er
 
 -- name: ops_count_dead_letters
 -- What a retry or discard of the same selection would take: live letters per route, how many
--- messages they are (one message may be dead on several routes) and the time of the count.
--- A discard confirmed after the count passes that time as its upper bound, so letters
--- dead-lettered meanwhile are left alone.
+-- messages they are (one message may be dead on several routes), the newest one's dead_at and
+-- a checksum of which letters they are (a sum of one hash per letter, as
+-- ops_discard_dead_letters computes it). A discard confirmed after the count passes the
+-- last two back: it takes exactly the letters counted, or none.
 WITH matching AS (
-    SELECT d.message_id, d.route
+    SELECT d.message_id, d.route, d.dead_at
       FROM {schema}.dead_letter d
      WHERE d.discarded_at IS NULL
        AND (%(id)s::uuid IS NULL OR d.message_id = %(id)s::uuid)
@@ -376,7 +363,9 @@ WITH matching AS (
        AND (%(route)s::text IS NULL OR d.route = %(route)s::text)
        AND (%(since)s::timestamptz IS NULL OR d.dead_at >= %(since)s::timestamptz)
 )
-SELECT m.route, count(*), (SELECT count(DISTINCT message_id) FROM matching), now()
+SELECT m.route, count(*), (SELECT count(DISTINCT message_id) FROM matching),
+       (SELECT max(dead_at) FROM matching),
+       (SELECT sum(hashtextextended(message_id::text || ' ' || route, 0)) FROM matching)
   FROM matching m
  GROUP BY m.route
  ORDER BY m.route
@@ -427,28 +416,54 @@ SELECT p.route, count(*), (SELECT count(*) FROM revived), (SELECT count(*) FROM 
 
 -- name: ops_discard_dead_letters
 -- Discard the selected live letters: kept (for audit, until `purge`), out of every count,
--- list and retry. Two operators discarding at once: the second waits for the first's row
--- locks, then finds the rows no longer live.
-WITH gone AS (
-    UPDATE {schema}.dead_letter d
-       SET discarded_at = now(), discarded_reason = %(reason)s::text
+-- list and retry. After a count (`upto` and `checksum` from ops_count_dead_letters), only
+-- letters dead-lettered up to the newest one counted, and only if they are still exactly the
+-- letters counted: a letter stamped before the count but committed after it, or retried
+-- meanwhile, changes the checksum, and then nothing is discarded. Each row: how many letters
+-- match now and their checksum, then a route and how many of its letters were discarded
+-- (one row with a NULL route when none were). Two operators discarding at once: the second
+-- waits for the first's row locks, then finds the rows no longer live.
+WITH matching AS MATERIALIZED (
+    SELECT d.message_id, d.route
+      FROM {schema}.dead_letter d
      WHERE d.discarded_at IS NULL
        AND (%(id)s::uuid IS NULL OR d.message_id = %(id)s::uuid)
        AND (%(topic)s::text IS NULL OR d.topic = %(topic)s::text)
        AND (%(route)s::text IS NULL OR d.route = %(route)s::text)
        AND (%(since)s::timestamptz IS NULL OR d.dead_at >= %(since)s::timestamptz)
        AND (%(upto)s::timestamptz IS NULL OR d.dead_at <= %(upto)s::timestamptz)
+), found AS (
+    SELECT count(*) AS letters,
+           coalesce(sum(hashtextextended(message_id::text || ' ' || route, 0)), 0) AS checksum
+      FROM matching
+), gone AS (
+    UPDATE {schema}.dead_letter d
+       SET discarded_at = now(), discarded_reason = %(reason)s::text
+      FROM matching m
+     WHERE d.message_id = m.message_id AND d.route = m.route
+       AND d.discarded_at IS NULL
+       AND (%(checksum)s::numeric IS NULL
+            OR (SELECT checksum FROM found) = %(checksum)s::numeric)
     RETURNING d.route
+), per_route AS (
+    SELECT route, count(*) AS letters FROM gone GROUP BY route
 )
-SELECT route, count(*) FROM gone GROUP BY route ORDER BY route
+SELECT f.letters, f.checksum, p.route, p.letters
+  FROM found f
+  LEFT JOIN per_route p ON true
+ ORDER BY p.route
 
 -- name: ops_replay_deliveries
 -- Deliver again, to one route, messages that route delivered (`outbox-relay replay`). Each
 -- comes back once (a message delivered twice, e.g. replayed before, counts once) as a new
 -- row with its id, idempotency key and key, and the bucket of its key; already fanned, with
 -- a route_pending row for that route only, due now; in the order first delivered, so one
--- key's messages keep their order. The idempotency table is not touched. A dry run
--- inserts nothing: the first column counts what would be.
+-- key's messages keep their order. Of the first `limit` chosen, a message that already waits
+-- for that route (a route_pending row of a message with its id: replayed or retried and not
+-- yet delivered) is skipped, so running the same replay twice queues it once. That check is
+-- a hash anti-join against the route's pending rows of the topic (route_pending_key_idx),
+-- never a scan of message per row. The idempotency table is not touched. A dry run inserts
+-- nothing. Returns what is (or would be) replayed, what was queued, and what was skipped.
 WITH picked AS (
     SELECT DISTINCT ON (d.message_id) d.*
       FROM {schema}.delivery d
@@ -459,14 +474,22 @@ WITH picked AS (
      ORDER BY d.message_id, d.seq
 ), chosen AS (
     SELECT * FROM picked ORDER BY seq LIMIT %(limit)s::bigint
+), fresh AS (
+    SELECT c.*
+      FROM chosen c
+     WHERE NOT EXISTS (SELECT 1
+                         FROM {schema}.route_pending p
+                         JOIN {schema}.message m ON m.seq = p.seq
+                        WHERE p.route = %(route)s::text AND p.topic = %(topic)s::text
+                          AND m.id = c.message_id)
 ), revived AS (
     INSERT INTO {schema}.message (id, topic, msg_key, payload, content_type, headers,
                                   idempotency_key, bucket, created_at, fanned)
-    SELECT c.message_id, c.topic, c.msg_key, c.payload, c.content_type, c.headers,
-           c.idempotency_key, {schema}.key_bucket(c.msg_key), c.created_at, true
-      FROM chosen c
+    SELECT f.message_id, f.topic, f.msg_key, f.payload, f.content_type, f.headers,
+           f.idempotency_key, {schema}.key_bucket(f.msg_key), f.created_at, true
+      FROM fresh f
      WHERE NOT %(dry_run)s::boolean
-     ORDER BY c.seq
+     ORDER BY f.seq
     RETURNING seq, topic, msg_key, bucket
 ), queued AS (
     INSERT INTO {schema}.route_pending (seq, route, topic, msg_key, bucket, attempts,
@@ -475,42 +498,71 @@ WITH picked AS (
       FROM revived r
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM chosen), (SELECT count(*) FROM queued)
+SELECT (SELECT count(*) FROM fresh), (SELECT count(*) FROM queued),
+       (SELECT count(*) FROM chosen) - (SELECT count(*) FROM fresh)
 
 -- name: ops_time_ago
 -- A duration given to an operator command, as a time of the database's clock.
 SELECT now() - %(ago)s::interval
 
--- `outbox-relay purge`: small batches, each its own short transaction that gives up on a
--- lock after a short timeout (and is tried again later), so the relays never wait behind it.
+-- `outbox-relay purge` walks each table once, front to back, in windows of heap blocks: one
+-- pass finds the span of blocks holding rows to delete; then each batch, its own short
+-- transaction that gives up on a lock after a short timeout (and is tried again later, so the
+-- relays never wait behind it), picks the first `limit` of them after tid `after` and before
+-- tid `before` and deletes up to the last one picked. TID Range Scans read only that window,
+-- so no batch re-reads blocks an earlier one emptied. Through an index (BRIN on delivered_at,
+-- btree on discarded_at) every batch would, and the purge would be quadratic. Why the walk is
+-- linear: relay/purge.py. TID Range Scans need PostgreSQL 14.
 
 -- name: ops_lock_timeout
 SELECT set_config('lock_timeout', %(timeout)s::text, true)
 
--- name: ops_count_purgeable
-SELECT (SELECT count(*) FROM {schema}.delivery WHERE delivered_at < %(cutoff)s::timestamptz),
-       (SELECT count(*) FROM {schema}.dead_letter WHERE discarded_at < %(cutoff)s::timestamptz)
+-- name: ops_purge_deliveries_span
+-- Delivery records older than the cut-off: how many (`purge --dry-run` shows it), the first
+-- and last heap block holding one (a tid read as a point is (block, offset)). One pass, with
+-- the BRIN index on delivered_at.
+SELECT count(*), (min(ctid)::text::point)[0]::bigint, (max(ctid)::text::point)[0]::bigint
+  FROM {schema}.delivery
+ WHERE delivered_at < %(cutoff)s::timestamptz
+
+-- name: ops_purge_deliveries_pick
+-- How many of them the batch takes in its window, and the last one's tid. ORDER BY ctid makes
+-- "every row to purge up to that tid" exact, whatever order the scan returns rows in.
+SELECT count(*), max(ctid)::text
+  FROM (SELECT ctid FROM {schema}.delivery
+         WHERE ctid > %(after)s::tid AND ctid < %(before)s::tid
+           AND delivered_at < %(cutoff)s::timestamptz
+         ORDER BY ctid
+         LIMIT %(limit)s) AS picked
 
 -- name: ops_purge_deliveries
--- One batch of delivery records older than the cut-off. The BRIN index on delivered_at finds
--- the block ranges holding old rows, so the last batches do not read the whole log (while
--- most rows are old, a scan that stops after LIMIT rows does as well). Rows go by ctid, as
--- delivery has no key and is never updated.
+-- Delete them. delivery is append-only: no row moves while purge walks the table, and rows
+-- added meanwhile are newer than the cut-off.
 DELETE FROM {schema}.delivery
- WHERE ctid = ANY(ARRAY(SELECT ctid FROM {schema}.delivery
-                         WHERE delivered_at < %(cutoff)s::timestamptz
-                         LIMIT %(limit)s))
+ WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
    AND delivered_at < %(cutoff)s::timestamptz
 
+-- name: ops_purge_discarded_span
+-- Dead letters discarded before the cut-off (live letters are never purged): how many, the
+-- first and last heap block holding one. One pass, with dead_letter_discarded_idx.
+SELECT count(*), (min(ctid)::text::point)[0]::bigint, (max(ctid)::text::point)[0]::bigint
+  FROM {schema}.dead_letter
+ WHERE discarded_at < %(cutoff)s::timestamptz
+
+-- name: ops_purge_discarded_pick
+SELECT count(*), max(ctid)::text
+  FROM (SELECT ctid FROM {schema}.dead_letter
+         WHERE ctid > %(after)s::tid AND ctid < %(before)s::tid
+           AND discarded_at < %(cutoff)s::timestamptz
+         ORDER BY ctid
+         LIMIT %(limit)s) AS picked
+
 -- name: ops_purge_discarded
--- One batch of dead letters discarded before the cut-off, found with dead_letter_discarded_idx
--- (live letters are never purged).
-DELETE FROM {schema}.dead_letter d
- USING (SELECT message_id, route FROM {schema}.dead_letter
-         WHERE discarded_at < %(cutoff)s::timestamptz
-         LIMIT %(limit)s) AS old
- WHERE d.message_id = old.message_id AND d.route = old.route
-   AND d.discarded_at < %(cutoff)s::timestamptz
+-- A discarded letter is rewritten only when its message is dead-lettered again, as a live
+-- letter: the check of discarded_at, made again on a row's latest version, leaves it alone.
+DELETE FROM {schema}.dead_letter
+ WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
+   AND discarded_at < %(cutoff)s::timestamptz
 
 -- name: ops_disabled_routes_among
 SELECT route, disabled_reason FROM {schema}.route_state
@@ -534,13 +586,19 @@ ON CONFLICT (route) DO UPDATE
 -- for their next poll.
 SELECT {schema}.notify_once()
 
--- Metrics: relay.health refreshes these gauges every few seconds (never per scrape).
+-- Metrics: relay.health refreshes these gauges every few seconds (never per scrape);
+-- `outbox-relay status` reads the same queries, so both always say the same.
+
+-- name: gauge_timeout
+-- A huge backlog makes the count slow; the gauges wait for the next refresh rather than
+-- hold a pooled connection (readiness asks the database separately).
+SET LOCAL statement_timeout = '5s'
 
 -- name: gauge_topics
--- Per topic: pending messages and the age of the oldest (the delivery lag). A skip scan over
--- message_topic_idx finds the topics, one index probe each; then each topic's count and its
--- oldest row are one range of that index. Cost grows with the topics and the backlog, never
--- with the delivery log.
+-- Per topic: pending messages and the age of the oldest (the delivery lag; a retried or
+-- replayed message keeps its creation time). A skip scan over message_topic_idx finds the
+-- topics, one index probe each; then each topic's count and its oldest row are one range of
+-- that index. Cost grows with the topics and the backlog, never with the delivery log.
 WITH RECURSIVE topics AS (
     (SELECT topic FROM {schema}.message ORDER BY topic LIMIT 1)
     UNION ALL
@@ -552,7 +610,7 @@ WITH RECURSIVE topics AS (
 SELECT t.topic,
        (SELECT count(*) FROM {schema}.message m WHERE m.topic = t.topic),
        (SELECT extract(epoch FROM now() - m.created_at)::float8 FROM {schema}.message m
-         WHERE m.topic = t.topic ORDER BY m.seq LIMIT 1)
+         WHERE m.topic = t.topic ORDER BY m.created_at LIMIT 1)
   FROM topics t
  WHERE t.topic IS NOT NULL
 
@@ -564,6 +622,7 @@ SELECT topic, route, count(*) FROM {schema}.dead_letter
  GROUP BY topic, route
 
 -- name: gauge_relays
+-- Live relays, and buckets without a live holder.
 SELECT (SELECT count(*) FROM {schema}.relay WHERE expires_at > now()),
        (SELECT count(*) FROM {schema}.bucket_lease b
          WHERE NOT EXISTS (SELECT 1 FROM {schema}.relay r

@@ -13,8 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from relay.deadletters import Discarded, Selection, discard_dead_letters, preview
+from relay.errors import RelayError
 from tests.acceptance.cli import (
     error_lines,
     execute,
@@ -542,6 +545,42 @@ def test_discard_selects_by_id_route_and_since(database_url: str) -> None:
     assert missing.returncode == 1, "a discarded letter is no longer a dead letter"
     assert error_lines(missing.stderr) == [f"outbox-relay: error: no dead letter has id {a}"]
     assert [letter["id"] for letter in _list(database_url)] == [str(old)]
+
+
+def test_a_confirmed_discard_takes_exactly_the_letters_counted(database_url: str) -> None:
+    """What ``discard`` does between its count and the operator's answer (the command's own
+    steps, in process, to act in between). A letter dead-lettered after the count is left
+    alone. A letter stamped before the count but committed after it (a relay's transaction
+    still open), or a counted letter retried meanwhile, means the letters are no longer the
+    ones counted: nothing is discarded, and the command says so."""
+    migrate(database_url)
+    counted = [
+        insert_dead_letter(database_url, route=HOOK, topic="orders.created", dead_seconds_ago=60)
+        for _ in range(2)
+    ]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+
+        def count() -> Selection:
+            return preview(conn, "outbox", Selection(topic="orders.created")).selection
+
+        first = count()
+        newer = insert_dead_letter(database_url, route=HOOK, topic="orders.created")
+        assert discard_dead_letters(conn, "outbox", first) == Discarded({HOOK: 2})
+        assert set(_discarded(database_url)) == {(id_, HOOK) for id_ in counted}
+
+        second = count()
+        late = insert_dead_letter(
+            database_url, route=KAFKA, topic="orders.created", dead_seconds_ago=30
+        )
+        with pytest.raises(RelayError, match=r"changed after they were counted \(2 match now\)"):
+            discard_dead_letters(conn, "outbox", second)
+        third = count()
+        _retry(database_url, "--id", str(late))
+        with pytest.raises(RelayError, match=r"nothing discarded; run the command again"):
+            discard_dead_letters(conn, "outbox", third)
+
+    assert set(_discarded(database_url)) == {(id_, HOOK) for id_ in counted}
+    assert [letter["id"] for letter in _list(database_url)] == [str(newer)]
 
 
 def test_discard_dry_run_changes_nothing(database_url: str) -> None:

@@ -11,7 +11,14 @@ import httpx
 import psycopg
 import pytest
 
-from tests.acceptance.cli import error_lines, migrate, publish_many, run_cli, start_relay
+from tests.acceptance.cli import (
+    error_lines,
+    migrate,
+    publish_many,
+    run_cli,
+    scalar,
+    start_relay,
+)
 from tests.harness.kafka import KafkaEndpoint, consume_all, create_topic
 
 pytestmark = pytest.mark.acceptance
@@ -91,6 +98,9 @@ def test_run_with_a_metrics_port_in_use_fails_with_one_line(
         f"outbox-relay: error: cannot serve metrics on port {port}: Address already in use"
     ), result.stderr
     assert "Traceback" not in result.stderr
+    held = "SELECT count(*) FROM outbox.bucket_lease WHERE holder IS NOT NULL"
+    assert scalar(database_url, held) == 0, "the buckets it took are given back at once"
+    assert scalar(database_url, "SELECT count(*) FROM outbox.relay") == 0
 
 
 @pytest.mark.parametrize("bad", ["-1", "70000", "http"])

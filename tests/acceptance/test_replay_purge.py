@@ -7,6 +7,8 @@ deliver a webhook, replays it, and the receiver gets the same ``webhook-id`` twi
 
 from __future__ import annotations
 
+import datetime as dt
+import itertools
 import re
 import time
 import uuid
@@ -19,6 +21,7 @@ import pytest
 from psycopg import sql as psql
 
 from outbox_lib._sqlfiles import load_queries, with_schema
+from relay.purge import Purged, purge
 from tests.acceptance.cli import (
     error_lines,
     execute,
@@ -166,6 +169,52 @@ def test_replay_of_a_message_delivered_twice_requeues_it_once(database_url: str)
     _replay(database_url, "--topic", TOPIC, "--route", HOOK)
 
     assert [m[1] for m in _messages(database_url)] == [once, later], "first delivery's order"
+
+
+def test_replay_twice_queues_each_message_once(database_url: str) -> None:
+    """A message already waiting for the route (replayed, not yet delivered) is skipped and
+    counted as such; one waiting for another route is not."""
+    migrate(database_url)
+    ids = [insert_delivery(database_url, route=HOOK, topic=TOPIC, key=b"k") for _ in range(3)]
+    insert_delivery(database_url, route=KAFKA, topic=TOPIC, message_id=ids[0], key=b"k")
+    line = f"of topic {TOPIC} to route {HOOK}"
+
+    assert _replay(database_url, "--topic", TOPIC, "--route", KAFKA).startswith("replayed 1 ")
+    first = _replay(database_url, "--topic", TOPIC, "--route", HOOK)
+    again = _replay(database_url, "--topic", TOPIC, "--route", HOOK)
+    dry = _replay(database_url, "--topic", TOPIC, "--route", HOOK, "--dry-run")
+    limited = _replay(database_url, "--topic", TOPIC, "--route", HOOK, "--limit", "2")
+
+    assert first == f"replayed 3 message(s) {line}\n"
+    assert again == f"replayed 0 message(s) {line} (3 already queued, skipped)\n"
+    assert dry == f"would replay 0 message(s) {line} (3 already queued, skipped)\n"
+    assert limited == f"replayed 0 message(s) {line} (2 already queued, skipped)\n"
+    pending = [
+        (m[1], p[1]) for m, p in zip(_messages(database_url), _pending(database_url), strict=True)
+    ]
+    assert pending == [(ids[0], KAFKA), *((id_, HOOK) for id_ in ids)], "each queued once"
+
+    later = insert_delivery(database_url, route=HOOK, topic=TOPIC, key=b"k")
+    _deliver(database_url, ids[1])
+    out = _replay(database_url, "--topic", TOPIC, "--route", HOOK)
+
+    assert out == f"replayed 2 message(s) {line} (2 already queued, skipped)\n"
+    hook = [
+        m[1]
+        for m, p in zip(_messages(database_url), _pending(database_url), strict=True)
+        if p[1] == HOOK
+    ]
+    assert hook == [ids[0], ids[2], ids[1], later]
+
+
+def _deliver(database_url: str, message_id: uuid.UUID) -> None:
+    """What a relay does once it delivered every route of a message."""
+    execute(
+        database_url,
+        "WITH gone AS (DELETE FROM outbox.message WHERE id = %s RETURNING seq)"
+        " DELETE FROM outbox.route_pending WHERE seq IN (SELECT seq FROM gone)",
+        (message_id,),
+    )
 
 
 def test_replay_dry_run_changes_nothing(database_url: str) -> None:
@@ -382,30 +431,112 @@ def _waiting_deletes(database_url: str) -> int:
     )
 
 
-def test_purge_finds_old_deliveries_with_the_brin_index(database_url: str) -> None:
-    """Like the claim's plan check: the batch's subselect reads the block ranges that hold old
-    records (the BRIN index), not the whole log, and the DELETE goes straight to its rows."""
-    migrate(database_url)
+def _fill(database_url: str, deliveries: int, letters: int, payload_bytes: int = 2) -> None:
+    """Deliveries, the first half delivered 8 days ago and the rest a day ago; dead letters,
+    two in three discarded 8 days ago (the rest live, in between). Autovacuum stays off, so
+    that only the purge reads these tables while it runs."""
     execute(
         database_url,
         "INSERT INTO outbox.delivery (message_id, seq, route, topic, payload, content_type,"
         " headers, created_at, delivered_at, attempts)"
-        " SELECT gen_random_uuid(), n, 'r', 't', '\\x7b7d', 'application/json', '{}',"
-        " now(), now() - make_interval(secs => 100000 - n), 1"
-        " FROM generate_series(1, 100000) AS n",
+        " SELECT gen_random_uuid(), n, 'r', 't', convert_to(repeat('x', %s), 'UTF8'),"
+        " 'application/json', '{}', now() - interval '9 days',"
+        " now() - CASE WHEN n <= %s / 2 THEN interval '8 days' ELSE interval '1 day' END, 1"
+        " FROM generate_series(1, %s) AS n",
+        (payload_bytes, deliveries, deliveries),
     )
-    execute(database_url, "VACUUM ANALYZE outbox.delivery")
-    statement = load_queries("relay", "sql/queries.sql")["ops_purge_deliveries"]
-    explain = psql.SQL("EXPLAIN (FORMAT JSON) ") + with_schema(statement, "outbox")
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        cutoff = conn.execute("SELECT now() - interval '98000 seconds'").fetchall()[0][0]
-        [(plan,)] = conn.execute(explain, {"cutoff": cutoff, "limit": 5000}).fetchall()
+    execute(
+        database_url,
+        "INSERT INTO outbox.dead_letter (message_id, seq, route, topic, payload, content_type,"
+        " headers, bucket, created_at, attempts, reason, dead_at, discarded_at)"
+        " SELECT gen_random_uuid(), n, 'r', 't', convert_to(repeat('x', %s), 'UTF8'),"
+        " 'application/json', '{}', 0, now() - interval '10 days', 1, 'x',"
+        " now() - interval '9 days',"
+        " CASE WHEN n %% 3 = 0 THEN NULL ELSE now() - interval '8 days' END"
+        " FROM generate_series(1, %s) AS n",
+        (payload_bytes, letters),
+    )
+    for table in ("delivery", "dead_letter"):
+        execute(database_url, f"ALTER TABLE outbox.{table} SET (autovacuum_enabled = false)")
+        execute(database_url, f"VACUUM ANALYZE outbox.{table}")
 
-    nodes = list(_plan_nodes(plan[0]["Plan"]))
-    summary = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
-    assert ("Bitmap Index Scan", None, "delivery_delivered_at_idx") in summary, summary
-    assert ("Tid Scan", "delivery", None) in summary, summary
-    assert not any(kind == "Seq Scan" for kind, _, _ in summary), summary
+
+@pytest.mark.parametrize(
+    ("table", "batch"),
+    [("delivery", "ops_purge_deliveries"), ("dead_letter", "ops_purge_discarded")],
+)
+def test_a_purge_batch_reads_only_its_window_of_blocks(
+    database_url: str, table: str, batch: str
+) -> None:
+    """Like the claim's plan check: a batch picks its rows and deletes them with TID range
+    scans of its window of heap blocks, never through an index (the BRIN index would have
+    it re-read every block earlier batches emptied) nor by reading the whole table. The pass
+    that finds the span of old deliveries uses the BRIN index."""
+    migrate(database_url)
+    _fill(database_url, 100_000, 30_000)
+    queries = load_queries("relay", "sql/queries.sql")
+    params = {"limit": 5000, "after": "(10,0)", "before": "(110,0)", "last": "(60,5)"}
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        params["cutoff"] = conn.execute("SELECT now() - interval '7 days'").fetchall()[0][0]
+        plans = {
+            name: _plan(conn, queries[name], params)
+            for name in (f"{batch}_pick", batch, "ops_purge_deliveries_span")
+        }
+
+    for name in (f"{batch}_pick", batch):
+        assert ("Tid Range Scan", table, None) in plans[name], plans[name]
+        scans = {kind for kind, rel, index in plans[name] if "Scan" in kind and (rel or index)}
+        assert scans == {"Tid Range Scan"}, plans[name]
+    span = plans["ops_purge_deliveries_span"]
+    assert ("Bitmap Index Scan", None, "delivery_delivered_at_idx") in span, span
+
+
+def _plan(
+    conn: psycopg.Connection[Any], statement: str, params: dict[str, Any]
+) -> list[tuple[str, str | None, str | None]]:
+    explain = psql.SQL("EXPLAIN (FORMAT JSON) ") + with_schema(statement, "outbox")
+    [(plan,)] = conn.execute(explain, params).fetchall()
+    return [
+        (n["Node Type"], n.get("Relation Name"), n.get("Index Name"))
+        for n in _plan_nodes(plan[0]["Plan"])
+    ]
+
+
+def test_purge_reads_as_many_blocks_in_its_last_batches_as_in_its_first(
+    database_url: str,
+) -> None:
+    """The purge is linear: a batch reads its window of blocks and the rows it deletes,
+    never what earlier batches emptied, so the blocks each batch reads (PostgreSQL's own
+    count, pg_statio_user_tables, flushed after every batch) do not grow, nor shrink, with
+    the batch number. Picking rows through the BRIN index, the 20th batch of deliveries read
+    half as much again as the first; through the btree on discarded_at, each batch of dead
+    letters read every letter still to purge."""
+    migrate(database_url)
+    _fill(database_url, 20_000, 15_000, payload_bytes=300)
+    blocks: list[tuple[int, int]] = []
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+
+        def count_blocks(_: Purged | None = None) -> None:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            [row] = conn.execute(
+                "SELECT sum(heap_blks_hit + heap_blks_read) FILTER (WHERE relname = 'delivery'),"
+                " sum(heap_blks_hit + heap_blks_read) FILTER (WHERE relname = 'dead_letter')"
+                " FROM pg_statio_user_tables WHERE schemaname = 'outbox'"
+            ).fetchall()
+            blocks.append((int(row[0]), int(row[1])))
+
+        count_blocks()
+        purged = purge(conn, "outbox", dt.timedelta(days=7), batch_size=500, on_batch=count_blocks)
+
+    assert (purged.deliveries, purged.dead_letters) == (10_000, 10_000)
+    read = [(d1 - d0, l1 - l0) for (d0, l0), (d1, l1) in itertools.pairwise(blocks)]
+    for per_batch in ([d for d, _ in read if d], [letters for _, letters in read if letters]):
+        # The first batch also counts the pass that finds the span; the last, a part window.
+        middle = per_batch[1:-1]
+        assert len(middle) >= 18, per_batch
+        assert max(middle) <= 1.1 * min(middle), per_batch
 
 
 def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -9,7 +9,7 @@ For each backlog size (messages pending over ``--topics`` topics, bulk-loaded, t
 ``VACUUM ANALYZE`` as autovacuum would), the median of 5 runs of:
 
 - ``gauge_topics``: what every relay runs every ``--metrics-refresh-seconds`` (a skip scan
-  over ``message (topic, seq)``, then one index range per topic);
+  over ``message (topic, created_at)``, then one index range per topic);
 - the naive query, ``SELECT topic, count(*), min(created_at) FROM message GROUP BY topic``,
   which reads the whole table;
 - ``gauge_dead_letters`` and ``gauge_relays``.

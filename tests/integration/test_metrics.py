@@ -26,6 +26,7 @@ from relay.config import Route, Settings
 from relay.health import Health, Observer
 from relay.membership import Membership
 from relay.metrics import Metrics
+from relay.store import Store
 from tests.harness.kafka import TansuBroker
 from tests.harness.relay import RelayThread, publish_many, scalar, settings_for, wait_until
 from tests.harness.webhook import Reply, WebhookServer, fail_first, new_secret
@@ -78,12 +79,16 @@ def eventually(port: int, check: Any, timeout: float = 15.0, what: str = "metric
 def metered(url: str) -> Iterator[Any]:
     """Build in-process relays serving metrics on a free port, refreshing every 0.2 s."""
 
-    def build(bootstrap: str | None, *routes: Route, **overrides: Any) -> RelayThread:
+    def build(
+        bootstrap: str | None, *routes: Route, producer: Any = None, **overrides: Any
+    ) -> RelayThread:
         base = settings_for(
             url, bootstrap, metrics_port=0, metrics_refresh_seconds=0.2, **overrides
         )
         if routes:
             base = dataclasses.replace(base, routes=routes)
+        if producer:
+            base = dataclasses.replace(base, kafka_producer=producer)
         return RelayThread(base)
 
     yield build
@@ -437,3 +442,68 @@ def test_a_discarded_dead_letter_that_dies_again_counts_again(
             eventually(port, lambda s: dead(s) == 1, what="the new failure counted again")
     assert scalar(url, "SELECT count(*) FROM outbox.dead_letter WHERE discarded_at IS NULL") == 1
     assert len(server.requests) == 2
+
+
+def test_readiness_recovers_when_an_outage_is_not_retried(metered: Any, engine: Engine) -> None:
+    """The only message is dead-lettered on its first refused attempt; nothing is sent after,
+    and the relay is ready again although the endpoint still refuses connections."""
+    secret = new_secret()
+    server = WebhookServer(secret).start()
+    refused = server.url()
+    server.stop()
+    publish_many(engine, "orders.created", 1)
+    with metered(None, hook(refused, secret, max_attempts=1)) as relay:
+        port = port_of(relay)
+        eventually(port, lambda s: value(s, "outbox_ready") == 0, what="not ready (refused)")
+        samples = eventually(
+            port,
+            lambda s: value(s, "outbox_ready") == 1,
+            timeout=20,
+            what="ready again without another attempt",
+        )
+    assert value(samples, "outbox_dead_letters", topic="orders.created", route="hook") == 1
+    assert failures(samples, "orders.created", "hook") == 1
+
+
+def test_kafka_permanent_failures_are_counted_by_reason(
+    metered: Any, engine: Engine, kafka: Any, topic_name: str
+) -> None:
+    publish_many(engine, topic_name, 2, payload=lambda n: {"n": n, "pad": "x" * 20_000 * n})
+    with metered(kafka.bootstrap, producer={"message.max.bytes": 10_000}) as relay:
+        port = port_of(relay)
+        route = relay.engine.routes[0].route.name
+        samples = eventually(
+            port,
+            lambda s: (
+                value(s, "outbox_dead_letters", topic=topic_name, route=route) == 1
+                and value(s, "outbox_delivered_total", topic=topic_name, route=route) == 1
+            ),
+            what="one delivered, one too large",
+        )
+    assert failures(samples, topic_name, route) == 1
+    errors = value(
+        samples, "outbox_delivery_errors_total", route=route, sink="kafka",
+        reason="MSG_SIZE_TOO_LARGE",
+    )  # fmt: skip
+    assert errors == 1
+
+
+def test_a_broken_refresh_is_reported_not_silent(url: str) -> None:
+    """An error that is not the database being away (here: a schema that does not exist)
+    keeps the observer running and says so on /readyz."""
+    metrics, health = Metrics("test-relay", "nope"), Health()
+
+    async def run() -> None:
+        store = Store.create(url, "nope", "test-relay")
+        await store.open()
+        observer = Observer(metrics, health, store, [], Membership(url, "nope", "r"), 0.05)
+        stop = asyncio.Event()
+        task = asyncio.create_task(observer.run(stop))
+        await asyncio.sleep(0.3)
+        stop.set()
+        await task
+        await store.close()
+
+    _run(run())
+    assert health.reasons[0].startswith("metrics refresh failed: relation")
+    assert metrics.registry.get_sample_value("outbox_ready") == 0

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from relay.sinks.base import Delivered, Failed, Outbound
+from relay.sinks.base import SHUTDOWN, Delivered, Failed, Outbound
 from relay.sinks.kafka import KafkaSink, _Batch, classify, needs_new_producer, record_headers
 
 
@@ -132,9 +132,9 @@ def test_batch_callbacks_fill_results_in_order() -> None:
     assert batch.remaining == 2
     batch.callback(0)(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None)
     assert batch.remaining == 1
-    results = batch.finish("shutdown")
+    results = batch.finish()
     assert results[0] == Failed("permanent", "MSG_SIZE_TOO_LARGE", results[0].detail)  # type: ignore[union-attr]
-    assert results[1] == Failed("unavailable", "shutdown")
+    assert (results[1].kind, results[1].reason) == ("unavailable", SHUTDOWN)  # type: ignore[union-attr]
     assert results[2] == Delivered(1, 20)
     assert not batch.fatal
 
@@ -145,7 +145,7 @@ def test_batch_counts_each_index_once_and_notes_fatal_errors() -> None:
     batch.set(0, Delivered(0, 1))  # a second report for the same record
     assert batch.remaining == 0
     assert batch.fatal
-    assert batch.finish("x") == [Delivered(0, 1)]
+    assert batch.finish() == [Delivered(0, 1)]
 
 
 # --- _produce with a stand-in producer (no broker) ---------------------------------------
@@ -175,7 +175,7 @@ def test_produce_sends_value_key_headers_and_reports_delivery() -> None:
     assert (topic, kwargs["value"], kwargs["key"]) == ("orders", msg.payload, b"7")
     assert kwargs["headers"] == record_headers(msg)
     kwargs["on_delivery"](None, _Record(0, 5))
-    assert batch.finish("x") == [Delivered(0, 5)]
+    assert batch.finish() == [Delivered(0, 5)]
 
 
 @pytest.mark.parametrize(
@@ -198,7 +198,7 @@ def test_produce_errors_are_classified(
 
     batch = _Batch(1)
     KafkaSink({})._produce(FakeProducer(fail), "t", outbound(), batch, 0)  # type: ignore[arg-type]
-    (result,) = batch.finish("x")
+    (result,) = batch.finish()
     assert isinstance(result, Failed)
     assert (result.kind, result.reason) == (expected_kind, expected_reason)
 
@@ -230,5 +230,5 @@ def test_abort_stops_waiting_for_queue_space() -> None:
     producer.on_poll = sink.abort  # SIGTERM's grace runs out while we wait for space
     batch = _Batch(1)
     sink._produce(producer, "t", outbound(), batch, 0)  # type: ignore[arg-type]
-    (result,) = batch.finish("shutdown")
+    (result,) = batch.finish()
     assert isinstance(result, Failed) and result.kind == "unavailable"

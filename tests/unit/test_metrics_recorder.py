@@ -7,7 +7,7 @@ import uuid
 
 from relay.metrics import Metrics
 from relay.plan import NO_ROUTE, PAUSED, Dead, Pending, parked, plan_first_pass, plan_retry_pass
-from relay.sinks.base import Delivered, Outbound
+from relay.sinks.base import SHUTDOWN, Delivered, Outbound
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -65,12 +65,13 @@ def test_first_pass_outcomes_are_counted_per_topic_and_route() -> None:
 def test_attempts_not_made_are_not_failures() -> None:
     metrics = Metrics("r", "outbox")
     metrics.add_routes({"hook": "webhook"})
-    claimed = [(message(n), "hook") for n in range(4)]
+    claimed = [(message(n), "hook") for n in range(5)]
     verdicts = [
         Pending(0, 1.0, "route paused: endpoint unavailable", unavailable=True, status=PAUSED),
         Pending(0, 0.0, None),  # held behind an earlier message of its key
         Pending(0, 0.0, "held", unavailable=True, status="held"),
         Dead(0, "route disabled", "410", status="disabled"),
+        Pending(0, 0.0, "shutdown: relay stopped", unavailable=True, status=SHUTDOWN),
     ]
     metrics.recorded(plan_retry_pass(claimed, verdicts))
 
