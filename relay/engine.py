@@ -75,6 +75,7 @@ class Engine:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.store.relay_id, self.store.schema)
         self.metrics.add_routes({r.route.name: r.route.sink for r in self.routes})
+        self.store.on_claim = self.metrics.claimed
         lane_settings = LaneSettings(
             self.settings.lease_seconds, self.settings.poll_interval, self.settings.shutdown_grace
         )
@@ -186,7 +187,9 @@ class Engine:
         if inline and not active and len(inline) == len(self.routes):
             await self._settle_prefetch(keep=False)  # hold no locks across a pause
             return 0
-        held = await self._take_prefetched() or await self._hold_first_pass()
+        held = await self._take_prefetched() or await self.store.hold_first_pass(
+            self.settings.batch_size
+        )
         first = held.messages
         pending = await self.store.any_route_pending()
         if first:
@@ -196,22 +199,14 @@ class Engine:
         retry: list[tuple[Outbound, str]] = []
         if pending:
             names = [r.route.name for r in active]
-            started = time.monotonic()
             retry = await self.store.claim_retry_pass(
                 self.settings.batch_size, self.settings.lease_seconds, names
             )
-            self.metrics.claimed("retry", len(retry), time.monotonic() - started)
         if retry:
             await self._retry_pass(retry)
         self.stats.batches += 1
         self.stats.claimed += len(first) + len(retry)
         return max(len(first), len(retry))
-
-    async def _hold_first_pass(self) -> HeldBatch:
-        started = time.monotonic()
-        held = await self.store.hold_first_pass(self.settings.batch_size)
-        self.metrics.claimed("first", len(held.messages), time.monotonic() - started)
-        return held
 
     async def _take_prefetched(self) -> HeldBatch | None:
         task, self._prefetch = self._prefetch, None
@@ -306,7 +301,9 @@ class Engine:
         recorded, so its blocked-key check sees whatever this batch left pending.
         """
         if claimed >= self.settings.batch_size and not self._stopping():
-            self._prefetch = asyncio.ensure_future(self._hold_first_pass())
+            self._prefetch = asyncio.ensure_future(
+                self.store.hold_first_pass(self.settings.batch_size)
+            )
 
     async def _retry_pass(self, claimed: list[tuple[Outbound, str]]) -> None:
         to_send: dict[str, list[Outbound]] = {}

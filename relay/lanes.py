@@ -115,11 +115,9 @@ class Lane:
             try:
                 started = time.monotonic()
                 claimed = await self.store.claim_retry_pass(
-                    room, self.settings.lease_seconds, [self.name]
+                    room, self.settings.lease_seconds, [self.name], claimer="lane"
                 )
-                took = time.monotonic() - started
-                self.metrics.claimed("lane", len(claimed), took)
-                await self._analyze_if_slow(took)
+                await self._analyze_if_slow(time.monotonic() - started)
                 failures = 0
             except DB_ERRORS as exc:
                 failures += 1

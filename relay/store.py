@@ -11,7 +11,8 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -105,6 +106,8 @@ class Store:
         self.schema = schema
         self.relay_id = relay_id
         self.spans = Spans()
+        # Told of every claim: (pass, rows claimed, seconds); the engine feeds the metrics.
+        self.on_claim: Callable[[str, int, float], None] = lambda _pass, _rows, _seconds: None
 
     @classmethod
     def create(
@@ -146,11 +149,14 @@ class Store:
         The caller must end it with :meth:`HeldBatch.commit`, :meth:`HeldBatch.lease` or
         :meth:`HeldBatch.abandon`.
         """
+        started = time.monotonic()
         if not self.spans.enabled:
-            return await self._hold_first_pass(limit)
-        with self.spans.claim("first", limit) as claim:
             held = await self._hold_first_pass(limit)
-            claim.count = len(held.messages)
+        else:
+            with self.spans.claim("first", limit) as claim:
+                held = await self._hold_first_pass(limit)
+                claim.count = len(held.messages)
+        self.on_claim("first", len(held.messages), time.monotonic() - started)
         return held
 
     async def _hold_first_pass(self, limit: int) -> HeldBatch:
@@ -180,14 +186,18 @@ class Store:
             await self._pool.putconn(conn)
 
     async def claim_retry_pass(
-        self, limit: int, lease: float, routes: Sequence[str]
+        self, limit: int, lease: float, routes: Sequence[str], claimer: str = "retry"
     ) -> list[tuple[Outbound, str]]:
-        """Lease due per-route retries of ``routes``: (message, route name) in seq order."""
+        """Lease due per-route retries of ``routes``: (message, route name) in seq order.
+        ``claimer`` names it in spans and metrics: the claim loop ("retry") or a lane."""
+        started = time.monotonic()
         if not self.spans.enabled:
-            return await self._claim_retry_pass(limit, lease, routes)
-        with self.spans.claim("retry", limit) as claim:
             claimed = await self._claim_retry_pass(limit, lease, routes)
-            claim.count = len(claimed)
+        else:
+            with self.spans.claim(claimer, limit) as claim:
+                claimed = await self._claim_retry_pass(limit, lease, routes)
+                claim.count = len(claimed)
+        self.on_claim(claimer, len(claimed), time.monotonic() - started)
         return claimed
 
     async def _claim_retry_pass(

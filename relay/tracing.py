@@ -8,7 +8,7 @@ forwards all the message's headers, and the webhook sink forwards these two
 With ``otel_spans`` on and ``opentelemetry-api`` installed, the relay also records
 
 - ``outbox.claim`` (INTERNAL): a claim that returned messages (empty polls, several a second
-  when idle, are not recorded), with ``outbox.pass`` (``first`` or ``retry``),
+  when idle, are not recorded), with ``outbox.pass`` (``first``, ``retry`` or ``lane``),
   ``outbox.batch_size`` (the limit asked for) and ``outbox.claimed``;
 - ``outbox.deliver`` for a webhook request (CLIENT): a child of the message's
   ``traceparent``, current while the request runs; the request carries this span's own
