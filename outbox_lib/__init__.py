@@ -11,7 +11,8 @@
 
 The message is stored in the ``outbox`` schema in the same transaction; the ``outbox-relay``
 service delivers it after commit. Create the schema with ``outbox-relay migrate`` (or
-:func:`migrate` from your own deployment code).
+:func:`migrate` from your own deployment code). The consumer side, which processes each
+delivered message once, is :mod:`outbox_lib.inbox`.
 """
 
 from ._encoding import DEFAULT_MAX_PAYLOAD_BYTES
@@ -20,10 +21,12 @@ from ._errors import (
     DatabaseUnavailableError,
     InvalidMessageError,
     MigrationError,
+    MissingDependencyError,
     OutboxError,
     PayloadTooLargeError,
     SchemaNotMigratedError,
     UnsupportedSessionError,
+    WebhookVerificationError,
 )
 from ._migrate import applied_versions, available_migrations, migrate
 from ._publish import Outbox, publish, publish_async
@@ -34,11 +37,13 @@ __all__ = [
     "DatabaseUnavailableError",
     "InvalidMessageError",
     "MigrationError",
+    "MissingDependencyError",
     "Outbox",
     "OutboxError",
     "PayloadTooLargeError",
     "SchemaNotMigratedError",
     "UnsupportedSessionError",
+    "WebhookVerificationError",
     "applied_versions",
     "available_migrations",
     "migrate",

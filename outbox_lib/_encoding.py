@@ -127,6 +127,7 @@ def encode_headers(headers: object) -> bytes:
     for name, value in headers.items():
         if not isinstance(name, str) or not name:
             raise InvalidMessageError(f"header names must be non-empty str, got {name!r}")
+        check_no_nul(f"header name {name!r}", name)
         if name.lower() in RESERVED_HEADERS:
             raise InvalidMessageError(f"header {name!r} is reserved: the relay sets it")
         stored[name] = _encode_header_value(name, value)
@@ -135,7 +136,7 @@ def encode_headers(headers: object) -> bytes:
 
 def _encode_header_value(name: str, value: object) -> object:
     if isinstance(value, str):
-        return value
+        return check_no_nul(f"header {name!r}", value)
     if isinstance(value, bytes | bytearray | memoryview):
         return {"b64": base64.b64encode(bytes(value)).decode("ascii")}
     raise InvalidMessageError(f"header {name!r} must be str or bytes, got {type(value).__name__}")
@@ -165,6 +166,13 @@ def check_idempotency_key(value: object) -> str | None:
         raise InvalidMessageError(
             f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
         )
+    return check_no_nul("idempotency_key", value)
+
+
+def check_no_nul(what: str, value: str) -> str:
+    """PostgreSQL text and jsonb cannot hold U+0000: refuse it here, the same on every driver."""
+    if "\x00" in value:
+        raise InvalidMessageError(f"{what} contains a NUL character, which PostgreSQL cannot store")
     return value
 
 

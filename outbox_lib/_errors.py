@@ -10,7 +10,9 @@ everything this package raises on purpose::
     ├── ConfigurationError (also ValueError)     an invalid setting (schema name, URL, limit, ...)
     ├── SchemaNotMigratedError                   no outbox schema: run `outbox-relay migrate`
     ├── MigrationError                           a migration cannot be applied
-    └── DatabaseUnavailableError                 the database cannot be reached
+    ├── DatabaseUnavailableError                 the database cannot be reached
+    ├── WebhookVerificationError                 a received webhook is unsigned, forged or stale
+    └── MissingDependencyError (also ImportError) an optional extra is not installed
 
 Errors that wrap a driver error keep it as ``__cause__``.
 """
@@ -48,3 +50,15 @@ class MigrationError(OutboxError):
 
 class DatabaseUnavailableError(OutboxError):
     """The database could not be reached."""
+
+
+class WebhookVerificationError(OutboxError):
+    """A received webhook request failed Standard Webhooks verification; do not process it.
+
+    The message says which check failed (a missing header, a stale timestamp, no matching
+    signature) and never contains the secret.
+    """
+
+
+class MissingDependencyError(OutboxError, ImportError):
+    """A module needs an optional extra that is not installed; the message names the extra."""

@@ -80,7 +80,7 @@ class Outbox:
         """
         if not isinstance(session, Session | Connection | scoped_session):
             raise _unsupported(session, "publish_async" if _is_async(session) else None)
-        _check_dialect(session if isinstance(session, Connection) else _bind_of(session))
+        _check_postgres(session)
         params = self._params(topic, payload, key, headers, idempotency_key)
         try:
             value = session.execute(self._statement, params).scalar_one()
@@ -101,10 +101,7 @@ class Outbox:
         """Async twin of :meth:`publish` for ``AsyncSession`` and ``AsyncConnection``."""
         if not isinstance(session, AsyncSession | AsyncConnection | async_scoped_session):
             raise _unsupported(session, "publish" if _is_sync(session) else None)
-        if isinstance(session, AsyncConnection):
-            _check_dialect(session.sync_engine)
-        else:
-            _check_dialect(_bind_of(session))
+        _check_postgres(session)
         params = self._params(topic, payload, key, headers, idempotency_key)
         try:
             result = await session.execute(self._statement, params)
@@ -165,6 +162,16 @@ def _bind_of(session: Any) -> object:
         return None
 
 
+def _check_postgres(target: object) -> None:
+    """Refuse a session or connection that is not bound to PostgreSQL."""
+    if isinstance(target, Connection):
+        _check_dialect(target)
+    elif isinstance(target, AsyncConnection):
+        _check_dialect(target.sync_engine)
+    else:
+        _check_dialect(_bind_of(target))
+
+
 def _check_dialect(bind: object) -> None:
     dialect = getattr(getattr(bind, "dialect", None), "name", None)
     if dialect != "postgresql":
@@ -198,7 +205,9 @@ def _translate(exc: DBAPIError) -> OutboxError | DBAPIError:
 
 
 def _as_uuid(value: object) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    # Exactly uuid.UUID: asyncpg returns a subclass of its own that orjson refuses to
+    # serialize, so its id could not go into the next message's payload.
+    return value if type(value) is uuid.UUID else uuid.UUID(str(value))
 
 
 _DEFAULT = Outbox()

@@ -33,7 +33,7 @@ from .store import DB_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def new_relay_id() -> str:

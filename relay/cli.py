@@ -139,18 +139,22 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_purge(args: argparse.Namespace, settings: Settings) -> int:
-    from .purge import count_purgeable, print_progress, print_purged, purge
+    from .purge import Cutoffs, count_purgeable, print_progress, print_purged, purge
 
-    older: Duration = args.older_than
+    older: Duration | None = args.older_than
+    inbox: Duration | None = args.inbox_older_than
+    if older is None and inbox is None:
+        raise UsageError("purge needs --older-than, --inbox-older-than or both")
+    cutoffs = Cutoffs(older and older.delta, inbox and inbox.delta)
     with connect(settings.require_database_url(), autocommit=True) as conn:
         if args.dry_run:
-            purged = count_purgeable(conn, settings.schema, older.delta)
+            purged = count_purgeable(conn, settings.schema, cutoffs)
         else:
             on_batch = print_progress if sys.stdout.isatty() else None
             purged = purge(
-                conn, settings.schema, older.delta, batch_size=args.batch_size, on_batch=on_batch
+                conn, settings.schema, cutoffs, batch_size=args.batch_size, on_batch=on_batch
             )
-    print_purged(purged, older.text, dry_run=args.dry_run)
+    print_purged(purged, older and older.text, inbox and inbox.text, dry_run=args.dry_run)
     return 0
 
 

@@ -59,6 +59,8 @@ _RUN = (
     "lease_seconds",
     "hold_seconds",
     "poll_interval",
+    "bucket_lease_seconds",
+    "heartbeat_seconds",
     "shutdown_grace",
     "otel_spans",
 )
@@ -220,17 +222,24 @@ def _add_replay_and_purge(commands: argparse._SubParsersAction[_Parser], common:
     purge = commands.add_parser(
         "purge",
         parents=[common],
-        help="delete old delivery records and discarded dead letters",
+        help="delete old delivery records, discarded dead letters and inbox rows",
         description="Delete delivery records delivered, and dead letters discarded, longer ago "
-        "than --older-than; live dead letters stay. Runs in small batches, each a short "
-        "transaction that never makes the relays wait.",
+        "than --older-than; live dead letters stay. With --inbox-older-than, also the inbox "
+        "rows consumers accepted longer ago than that: keep them longer than any redelivery "
+        "can come (at least as long as the delivery log, which `replay` reads). Runs in small "
+        "batches, each a short transaction that never makes the relays wait.",
     )
     purge.add_argument(
         "--older-than",
-        required=True,
         type=_older_than,
         metavar="DURATION",
-        help="e.g. 7d, 12h, 30m",
+        help="delivery records and discarded dead letters older than this, e.g. 7d, 12h, 30m",
+    )
+    purge.add_argument(
+        "--inbox-older-than",
+        type=_older_than,
+        metavar="DURATION",
+        help="inbox rows accepted longer ago than this, e.g. 30d",
     )
     purge.add_argument(
         "--batch-size",

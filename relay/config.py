@@ -18,10 +18,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from outbox_lib._encoding import check_schema_name
+from outbox_lib._signature import SecretError, parse_secrets
 
 from .durations import parse_duration
 from .errors import ConfigError
-from .sinks.signature import SecretError, parse_secrets
 from .sinks.ssrf import blocked_reason, literal_ip
 
 SinkKind = Literal["kafka", "webhook"]

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import mmap
 import os
@@ -27,7 +25,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping
@@ -39,8 +36,9 @@ from typing import Any, Self, cast
 
 import orjson
 
+from outbox_lib.inbox import WebhookReceiver, WebhookVerificationError
+
 from .errors import RelayError
-from .sinks.signature import parse_secrets
 
 FAIL_EVERY = 100
 """One webhook-id in this many is answered 503 on its first attempt. Not more: a 503 pauses
@@ -80,22 +78,13 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def signature_ok(
-    key: bytes, headers: Mapping[str, str], body: bytes, now: float | None = None
-) -> bool:
-    """Standard Webhooks v1: any ``v1,<base64>`` entry of ``webhook-signature`` must be the
-    HMAC-SHA256 of ``{webhook-id}.{webhook-timestamp}.{body}``, the timestamp recent."""
-    webhook_id = headers.get("webhook-id") or ""
-    stamp = headers.get("webhook-timestamp") or ""
-    if not webhook_id or not stamp.isdigit():
+def signature_ok(receiver: WebhookReceiver, headers: Mapping[str, str], body: bytes) -> bool:
+    """Standard Webhooks v1, checked the way a receiver using :mod:`outbox_lib.inbox` would."""
+    try:
+        receiver.verify(headers, body)
+    except WebhookVerificationError:
         return False
-    now = time.time() if now is None else now
-    if abs(now - int(stamp)) > TOLERANCE_S:
-        return False
-    content = f"{webhook_id}.{stamp}.".encode() + body
-    expected = base64.b64encode(hmac.new(key, content, hashlib.sha256).digest())
-    offered = (entry.partition(",") for entry in (headers.get("webhook-signature") or "").split())
-    return any(v == "v1" and hmac.compare_digest(sig.encode(), expected) for v, _, sig in offered)
+    return True
 
 
 @dataclass(frozen=True)
@@ -257,7 +246,7 @@ class _Log:
     """What the receiver decides and records, shared by its request threads."""
 
     def __init__(self, secret: str, counts: mmap.mmap) -> None:
-        (self._key,) = parse_secrets(secret)
+        self._receiver = WebhookReceiver(secret, tolerance_s=TOLERANCE_S)
         self._counts = counts
         self._lock = threading.Lock()
         self._requests: list[Request] = []
@@ -272,7 +261,7 @@ class _Log:
         """Check and record one request; the status to answer it with."""
         webhook_id = headers.get("webhook-id") or ""
         order_id, customer = _order(body)
-        signed = signature_ok(self._key, headers, body)
+        signed = signature_ok(self._receiver, headers, body)
         headers_ok = _headers_ok(headers, webhook_id, order_id)
         with self._lock:
             first = webhook_id not in self._seen

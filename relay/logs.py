@@ -3,7 +3,7 @@
 JSON lines carry ``ts``, ``level``, ``logger``, ``message``, the relay's id once it has one
 (``relay_id``), any ``extra=`` fields a call adds, and ``exception`` for tracebacks. Nothing
 logged anywhere includes a secret: database URLs are redacted (:func:`relay.db.redact`) and
-webhook secrets never leave :mod:`relay.sinks.signature`.
+webhook secrets never leave :mod:`outbox_lib._signature`.
 """
 
 from __future__ import annotations

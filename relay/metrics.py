@@ -9,6 +9,10 @@ Gauges that describe the database (pending messages and their age, dead letters,
 buckets, live relays) are not read per scrape: :mod:`relay.health` refreshes them every few
 seconds from indexed queries, so any number of scrapers costs the database nothing more.
 Several relays export the same values for those; dashboards take ``max by (...)``.
+
+Each metric is declared once, as a :class:`MetricSpec` in :data:`METRICS`: the recorder
+builds its collectors from that table and ``python -m relay.docgen`` writes
+``docs/metrics.md`` from it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from __future__ import annotations
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -34,6 +39,143 @@ BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 Pass = str  # "first", "retry" (the claim loop) or "lane" (a webhook route's own loop)
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One metric: what Prometheus shows of it, and whether CONTRACT section 7 names it."""
+
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+    contract: bool = False
+
+
+PENDING = MetricSpec(
+    "outbox_pending_messages",
+    "gauge",
+    "Committed outbox messages not yet delivered to every route",
+    ("topic",),
+    contract=True,
+)
+OLDEST_AGE = MetricSpec(
+    "outbox_oldest_pending_age_seconds",
+    "gauge",
+    "Age of the oldest pending message of the topic (the delivery lag); 0 when none",
+    ("topic",),
+    contract=True,
+)
+DELIVERED = MetricSpec(
+    "outbox_delivered_total",
+    "counter",
+    "Deliveries acknowledged by the sink and recorded, per outbox topic and route",
+    ("topic", "route"),
+    contract=True,
+)
+FAILURES = MetricSpec(
+    "outbox_delivery_failures_total",
+    "counter",
+    "Failed delivery attempts (each retried or dead-lettered attempt, and messages "
+    "whose topic matches no route, as route 'no-route')",
+    ("topic", "route"),
+    contract=True,
+)
+DEAD_LETTERS = MetricSpec(
+    "outbox_dead_letters",
+    "gauge",
+    "Messages currently dead-lettered (not discarded), per topic and route",
+    ("topic", "route"),
+    contract=True,
+)
+LATENCY = MetricSpec(
+    "outbox_delivery_latency_seconds",
+    "histogram",
+    "Message creation (publish) to sink acknowledgement",
+    ("route",),
+    buckets=LATENCY_BUCKETS,
+    contract=True,
+)
+INFO = MetricSpec(
+    "outbox_relay_info", "gauge", "This relay process (always 1)", ("relay_id", "version", "schema")
+)
+ERRORS = MetricSpec(
+    "outbox_delivery_errors_total",
+    "counter",
+    "Failed delivery attempts by route, sink kind and reason (HTTP status, timeout, "
+    "Kafka error name, ...)",
+    ("route", "sink", "reason"),
+)
+BATCH_SIZE = MetricSpec(
+    "outbox_batch_size",
+    "histogram",
+    "Messages claimed per batch (first pass, retry pass, webhook lane)",
+    ("pass",),
+    buckets=BATCH_BUCKETS,
+)
+CLAIM_SECONDS = MetricSpec(
+    "outbox_claim_duration_seconds",
+    "histogram",
+    "Time to claim a batch",
+    ("pass",),
+    buckets=DURATION_BUCKETS,
+)
+RECORD_SECONDS = MetricSpec(
+    "outbox_record_duration_seconds",
+    "histogram",
+    "Time to record a batch's outcomes and commit",
+    ("pass",),
+    buckets=DURATION_BUCKETS,
+)
+BUCKETS_HELD = MetricSpec("outbox_buckets_held", "gauge", "Key buckets (of 256) this relay holds")
+BUCKETS_UNOWNED = MetricSpec(
+    "outbox_buckets_unowned",
+    "gauge",
+    "Key buckets without a live holder (their keys wait for a takeover)",
+)
+RELAYS_LIVE = MetricSpec("outbox_relays_live", "gauge", "Relays with a live lease in the database")
+ROUTE_DISABLED = MetricSpec(
+    "outbox_route_disabled",
+    "gauge",
+    "1 while the route is disabled (HTTP 410 or an operator)",
+    ("route",),
+)
+ROUTE_PAUSED = MetricSpec(
+    "outbox_route_paused",
+    "gauge",
+    "1 while the route waits out an unreachable sink (broker down, endpoint refusing)",
+    ("route",),
+)
+DATABASE_UP = MetricSpec("outbox_database_up", "gauge", "1 when the last database check succeeded")
+READY = MetricSpec(
+    "outbox_ready", "gauge", "1 when /readyz answers 200 (database and sinks reachable)"
+)
+REFRESHED = MetricSpec(
+    "outbox_gauges_refreshed_timestamp_seconds",
+    "gauge",
+    "When the database-derived gauges were last refreshed (unix time)",
+)
+
+METRICS: tuple[MetricSpec, ...] = (
+    PENDING, OLDEST_AGE, DELIVERED, FAILURES, DEAD_LETTERS, LATENCY,
+    INFO, ERRORS, BATCH_SIZE, CLAIM_SECONDS, RECORD_SECONDS,
+    BUCKETS_HELD, BUCKETS_UNOWNED, RELAYS_LIVE, ROUTE_DISABLED, ROUTE_PAUSED,
+    DATABASE_UP, READY, REFRESHED,
+)  # fmt: skip
+
+
+def _gauge(spec: MetricSpec, registry: CollectorRegistry) -> Gauge:
+    return Gauge(spec.name, spec.help, spec.labels, registry=registry)
+
+
+def _counter(spec: MetricSpec, registry: CollectorRegistry) -> Counter:
+    return Counter(spec.name, spec.help, spec.labels, registry=registry)
+
+
+def _histogram(spec: MetricSpec, registry: CollectorRegistry) -> Histogram:
+    return Histogram(spec.name, spec.help, spec.labels, buckets=spec.buckets, registry=registry)
 
 
 class Metrics:
@@ -42,117 +184,27 @@ class Metrics:
     def __init__(self, relay_id: str, schema: str) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         # CONTRACT section 7.
-        self.pending = Gauge(
-            "outbox_pending_messages",
-            "Committed outbox messages not yet delivered to every route",
-            ["topic"],
-            registry=registry,
-        )
-        self.oldest_age = Gauge(
-            "outbox_oldest_pending_age_seconds",
-            "Age of the oldest pending message of the topic (the delivery lag); 0 when none",
-            ["topic"],
-            registry=registry,
-        )
-        self.delivered = Counter(
-            "outbox_delivered_total",
-            "Deliveries acknowledged by the sink and recorded, per outbox topic and route",
-            ["topic", "route"],
-            registry=registry,
-        )
-        self.failures = Counter(
-            "outbox_delivery_failures_total",
-            "Failed delivery attempts (each retried or dead-lettered attempt, and messages "
-            "whose topic matches no route, as route 'no-route')",
-            ["topic", "route"],
-            registry=registry,
-        )
-        self.dead_letters = Gauge(
-            "outbox_dead_letters",
-            "Messages currently dead-lettered (not discarded), per topic and route",
-            ["topic", "route"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "outbox_delivery_latency_seconds",
-            "Message creation (publish) to sink acknowledgement",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
+        self.pending = _gauge(PENDING, registry)
+        self.oldest_age = _gauge(OLDEST_AGE, registry)
+        self.delivered = _counter(DELIVERED, registry)
+        self.failures = _counter(FAILURES, registry)
+        self.dead_letters = _gauge(DEAD_LETTERS, registry)
+        self.latency = _histogram(LATENCY, registry)
         # The relay's own workings.
-        self.info = Gauge(
-            "outbox_relay_info",
-            "This relay process (always 1)",
-            ["relay_id", "version", "schema"],
-            registry=registry,
-        )
+        self.info = _gauge(INFO, registry)
         self.info.labels(relay_id, __version__, schema).set(1)
-        self.errors = Counter(
-            "outbox_delivery_errors_total",
-            "Failed delivery attempts by route, sink kind and reason (HTTP status, timeout, "
-            "Kafka error name, ...)",
-            ["route", "sink", "reason"],
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            "outbox_batch_size",
-            "Messages claimed per batch (first pass, retry pass, webhook lane)",
-            ["pass"],
-            buckets=BATCH_BUCKETS,
-            registry=registry,
-        )
-        self.claim_seconds = Histogram(
-            "outbox_claim_duration_seconds",
-            "Time to claim a batch",
-            ["pass"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.record_seconds = Histogram(
-            "outbox_record_duration_seconds",
-            "Time to record a batch's outcomes and commit",
-            ["pass"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.buckets_held = Gauge(
-            "outbox_buckets_held", "Key buckets (of 256) this relay holds", registry=registry
-        )
-        self.buckets_unowned = Gauge(
-            "outbox_buckets_unowned",
-            "Key buckets without a live holder (their keys wait for a takeover)",
-            registry=registry,
-        )
-        self.relays_live = Gauge(
-            "outbox_relays_live", "Relays with a live lease in the database", registry=registry
-        )
-        self.route_disabled = Gauge(
-            "outbox_route_disabled",
-            "1 while the route is disabled (HTTP 410 or an operator)",
-            ["route"],
-            registry=registry,
-        )
-        self.route_paused = Gauge(
-            "outbox_route_paused",
-            "1 while the route waits out an unreachable sink (broker down, endpoint refusing)",
-            ["route"],
-            registry=registry,
-        )
-        self.database_up = Gauge(
-            "outbox_database_up",
-            "1 when the last database check succeeded",
-            registry=registry,
-        )
-        self.ready = Gauge(
-            "outbox_ready", "1 when /readyz answers 200 (database and sinks reachable)",
-            registry=registry,
-        )  # fmt: skip
-        self.refreshed = Gauge(
-            "outbox_gauges_refreshed_timestamp_seconds",
-            "When the database-derived gauges were last refreshed (unix time)",
-            registry=registry,
-        )
+        self.errors = _counter(ERRORS, registry)
+        self.batch_size = _histogram(BATCH_SIZE, registry)
+        self.claim_seconds = _histogram(CLAIM_SECONDS, registry)
+        self.record_seconds = _histogram(RECORD_SECONDS, registry)
+        self.buckets_held = _gauge(BUCKETS_HELD, registry)
+        self.buckets_unowned = _gauge(BUCKETS_UNOWNED, registry)
+        self.relays_live = _gauge(RELAYS_LIVE, registry)
+        self.route_disabled = _gauge(ROUTE_DISABLED, registry)
+        self.route_paused = _gauge(ROUTE_PAUSED, registry)
+        self.database_up = _gauge(DATABASE_UP, registry)
+        self.ready = _gauge(READY, registry)
+        self.refreshed = _gauge(REFRESHED, registry)
         self._sink_of: dict[str, str] = {}
         self._topics: set[str] = set()
         # Topics delivered here: a topic drained between two refreshes still reads 0 then.

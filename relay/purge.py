@@ -1,7 +1,9 @@
 """``outbox-relay purge --older-than DURATION``: trim the delivery log and discarded letters.
 
 Deletes ``delivery`` records delivered before the cut-off (``now() - DURATION``, fixed when
-the purge starts) and dead letters discarded before it, never live dead letters. It works in
+the purge starts) and dead letters discarded before it, never live dead letters; with
+``--inbox-older-than``, also the consumers' inbox rows accepted before that second cut-off
+(a message redelivered after its row is gone would be processed again). It works in
 batches of at most ``batch_size`` rows, each its own short transaction with a lock timeout:
 the relays' writes never wait behind a purge, and a batch that could not get a lock in time
 is tried again after a pause instead of failing the purge.
@@ -25,13 +27,14 @@ those: in all at most ``2 * (W * R / batch_size + B + W)`` block reads and ``R``
 deletions, however the rows are spread. ``W * R / batch_size`` is at most ``B`` (or, when
 one block holds more than a batch and ``W`` is 1, the number of full batches).
 
-No row moves while the walk passes: ``delivery`` is append-only, and a discarded letter is
-only ever rewritten as a live one (dead-lettered again), which the batch's check of the
-cut-off leaves alone. Rows added meanwhile are newer than the cut-off.
+No row moves while the walk passes: ``delivery`` and ``inbox`` are append-only, and a
+discarded letter is only ever rewritten as a live one (dead-lettered again), which the
+batch's check of the cut-off leaves alone. Rows added meanwhile are newer than the cut-off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import sys
@@ -53,7 +56,12 @@ PROGRESS_EVERY = 10  # batches between two progress lines
 LOCK_TIMEOUT = "1s"
 FIRST_PAUSE = 0.1  # seconds before a batch that timed out on a lock is tried again
 MAX_PAUSE = 5.0
-TABLES = ("ops_purge_deliveries", "ops_purge_discarded")  # with ``_span`` and ``_pick`` queries
+# Each purge query (with its ``_span`` and ``_pick`` queries) and the Purged field it counts.
+TABLES = {
+    "ops_purge_deliveries": "deliveries",
+    "ops_purge_discarded": "dead_letters",
+    "ops_purge_inbox": "inbox",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,19 @@ class Purged:
     deliveries: int = 0
     dead_letters: int = 0
     batches: int = 0
+    inbox: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Cutoffs:
+    """How old a row must be to go: delivery log and discarded letters, inbox rows
+    (``None``: leave those tables alone)."""
+
+    older_than: dt.timedelta | None
+    inbox_older_than: dt.timedelta | None = None
+
+    def of(self, table: str) -> dt.timedelta | None:
+        return self.inbox_older_than if table == "ops_purge_inbox" else self.older_than
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,31 +100,31 @@ class Span:
         return max(1, batch_size * (self.last - self.first + 1) // max(self.rows, 1))
 
 
-def count_purgeable(conn: psycopg.Connection[Any], schema: str, older_than: dt.timedelta) -> Purged:
+def count_purgeable(conn: psycopg.Connection[Any], schema: str, cutoffs: Cutoffs) -> Purged:
     """What ``purge`` would delete now; deletes nothing."""
     queries = relay_queries(schema)
+    counts = {}
     with schema_required(schema):
-        cutoff = resolve(conn, schema, older_than)
-        deliveries, letters = (_span(conn, queries[f"{t}_span"], cutoff).rows for t in TABLES)
-    return Purged(deliveries, letters)
+        for name, cutoff in _cutoffs(conn, schema, cutoffs):
+            counts[TABLES[name]] = _span(conn, queries[f"{name}_span"], cutoff).rows
+    return Purged(**counts)
 
 
 def purge(
     conn: psycopg.Connection[Any],
     schema: str,
-    older_than: dt.timedelta,
+    cutoffs: Cutoffs,
     *,
     batch_size: int = 5000,
     on_batch: Callable[[Purged], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Purged:
-    """Delete, batch by batch, what is older than ``older_than``; ``on_batch`` gets the
+    """Delete, batch by batch, what is older than its cut-off; ``on_batch`` gets the
     running totals after each batch. ``conn`` must be in autocommit mode."""
     queries = relay_queries(schema)
     with schema_required(schema):
-        cutoff = resolve(conn, schema, older_than)
         totals = Purged()
-        for name in TABLES:
+        for name, cutoff in _cutoffs(conn, schema, cutoffs):
             span = _span(conn, queries[f"{name}_span"], cutoff)
             params = {"cutoff": cutoff, "limit": batch_size}
             for deleted in _walk(conn, queries, name, span, params, sleep):
@@ -112,6 +133,16 @@ def purge(
                 if on_batch is not None:
                     on_batch(totals)
     return totals
+
+
+def _cutoffs(
+    conn: psycopg.Connection[Any], schema: str, cutoffs: Cutoffs
+) -> Iterator[tuple[str, dt.datetime | None]]:
+    """Each table to purge, with its cut-off as a time of the database's clock."""
+    for name in TABLES:
+        older_than = cutoffs.of(name)
+        if older_than is not None:
+            yield name, resolve(conn, schema, older_than)
 
 
 def _span(conn: psycopg.Connection[Any], query: sql.Composed, cutoff: dt.datetime | None) -> Span:
@@ -149,9 +180,10 @@ def _start_of(block: int) -> str:
 
 
 def _add(totals: Purged, query: str, deleted: int) -> Purged:
-    if query == "ops_purge_deliveries":
-        return Purged(totals.deliveries + deleted, totals.dead_letters, totals.batches + 1)
-    return Purged(totals.deliveries, totals.dead_letters + deleted, totals.batches + 1)
+    field = TABLES[query]
+    return dataclasses.replace(
+        totals, batches=totals.batches + 1, **{field: getattr(totals, field) + deleted}
+    )
 
 
 def _batch(
@@ -197,15 +229,20 @@ def print_progress(totals: Purged) -> None:
     if totals.batches % PROGRESS_EVERY == 0:
         print(
             f"purge: {totals.deliveries} delivery record(s), {totals.dead_letters} discarded "
-            f"dead letter(s) so far ({totals.batches} batches)",
+            f"dead letter(s), {totals.inbox} inbox row(s) so far ({totals.batches} batches)",
             file=sys.stderr,
             flush=True,
         )
 
 
-def print_purged(purged: Purged, older_than: str, *, dry_run: bool = False) -> None:
+def print_purged(
+    purged: Purged, older_than: str | None, inbox_older_than: str | None, *, dry_run: bool = False
+) -> None:
     done = "would purge" if dry_run else "purged"
-    print(
-        f"{done} {purged.deliveries} delivery record(s) and {purged.dead_letters} discarded "
-        f"dead letter(s) older than {older_than}"
-    )
+    if older_than is not None:
+        print(
+            f"{done} {purged.deliveries} delivery record(s) and {purged.dead_letters} discarded "
+            f"dead letter(s) older than {older_than}"
+        )
+    if inbox_older_than is not None:
+        print(f"{done} {purged.inbox} inbox row(s) older than {inbox_older_than}")

@@ -5,3 +5,6 @@
 SELECT {schema}.enqueue(
     :topic, :payload, :content_type, :msg_key, CAST(:headers AS jsonb), :idempotency_key
 )
+
+-- name: inbox_accept
+SELECT {schema}.inbox_accept(:consumer, :idempotency_key)

@@ -28,11 +28,12 @@ from collections.abc import Callable, Iterable, Sequence
 import httpcore
 import httpx
 
+from outbox_lib._signature import sign
+
 from .. import __version__
 from ..config import Route
 from ..tracing import Spans, trace_headers
 from .base import SHUTDOWN, Delivered, Failed, FailureScope, KeyGate, Outbound, Result
-from .signature import sign
 from .ssrf import blocked_reason, literal_ip
 
 log = logging.getLogger(__name__)

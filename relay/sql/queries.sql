@@ -564,6 +564,27 @@ DELETE FROM {schema}.dead_letter
  WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
    AND discarded_at < %(cutoff)s::timestamptz
 
+-- name: ops_purge_inbox_span
+-- Inbox rows accepted before the inbox cut-off (`purge --inbox-older-than`): how many, the
+-- first and last heap block holding one. One pass, with inbox_accepted_idx.
+SELECT count(*), (min(ctid)::text::point)[0]::bigint, (max(ctid)::text::point)[0]::bigint
+  FROM {schema}.inbox
+ WHERE accepted_at < %(cutoff)s::timestamptz
+
+-- name: ops_purge_inbox_pick
+SELECT count(*), max(ctid)::text
+  FROM (SELECT ctid FROM {schema}.inbox
+         WHERE ctid > %(after)s::tid AND ctid < %(before)s::tid
+           AND accepted_at < %(cutoff)s::timestamptz
+         ORDER BY ctid
+         LIMIT %(limit)s) AS picked
+
+-- name: ops_purge_inbox
+-- inbox rows are never updated (a second accept does nothing): none moves during the walk.
+DELETE FROM {schema}.inbox
+ WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
+   AND accepted_at < %(cutoff)s::timestamptz
+
 -- name: ops_disabled_routes_among
 SELECT route, disabled_reason FROM {schema}.route_state
  WHERE route = ANY(%(routes)s::text[]) AND disabled_at IS NOT NULL

@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql as psql
 
 from outbox_lib._sqlfiles import load_queries, with_schema
-from relay.purge import Purged, purge
+from relay.purge import Cutoffs, Purged, purge
 from tests.acceptance.cli import (
     error_lines,
     execute,
@@ -344,6 +344,40 @@ def test_purge_deletes_exactly_the_old_deliveries_and_discarded_letters(
     assert again == "purged 0 delivery record(s) and 0 discarded dead letter(s) older than 7d\n"
 
 
+def test_purge_of_inbox_rows_is_separate_and_opt_in(database_url: str) -> None:
+    migrate(database_url)
+    for consumer, key in [("billing", f"k{n}") for n in range(5)] + [("shipping", "k0")]:
+        execute(database_url, "SELECT outbox.inbox_accept(%s, %s)", (consumer, key))
+    execute(
+        database_url,
+        "UPDATE outbox.inbox SET accepted_at = now() - interval '31 days'"
+        " WHERE idempotency_key IN ('k0', 'k1')",
+    )
+    old_delivery = insert_delivery(database_url, route=HOOK, topic=TOPIC)
+    _age_deliveries(database_url, "40 days", [old_delivery])
+
+    assert _purge(database_url, "--older-than", "7d", "--dry-run") == (
+        "would purge 1 delivery record(s) and 0 discarded dead letter(s) older than 7d\n"
+    )
+    assert _purge(database_url, "--inbox-older-than", "30d", "--dry-run") == (
+        "would purge 3 inbox row(s) older than 30d\n"
+    )
+    out = _purge(database_url, "--inbox-older-than", "30d", "--batch-size", "2")
+    assert out == "purged 3 inbox row(s) older than 30d\n"
+    left = query(database_url, "SELECT consumer, idempotency_key FROM outbox.inbox ORDER BY 1, 2")
+    assert left == [("billing", "k2"), ("billing", "k3"), ("billing", "k4")]
+    assert _delivery_ids(database_url) == {old_delivery}, "--older-than was not given"
+
+    both = _purge(database_url, "--older-than", "7d", "--inbox-older-than", "1d")
+    assert both.splitlines() == [
+        "purged 1 delivery record(s) and 0 discarded dead letter(s) older than 7d",
+        "purged 0 inbox row(s) older than 1d",
+    ]
+    neither = run_cli("purge", env=_env(database_url))
+    assert neither.returncode == 2
+    assert neither.stderr.strip().endswith("purge needs --older-than, --inbox-older-than or both")
+
+
 def test_purge_works_in_batches(database_url: str) -> None:
     migrate(database_url)
     old = [insert_delivery(database_url, route=HOOK, topic=TOPIC) for _ in range(7)]
@@ -390,8 +424,9 @@ def test_purge_on_a_terminal_shows_progress(database_url: str) -> None:
     assert code == 0, output
     progress = [line for line in output.splitlines() if line.startswith("purge: ")]
     assert progress == [
-        "purge: 10 delivery record(s), 0 discarded dead letter(s) so far (10 batches)",
-        "purge: 20 delivery record(s), 0 discarded dead letter(s) so far (20 batches)",
+        f"purge: {n} delivery record(s), 0 discarded dead letter(s), 0 inbox row(s) so far"
+        f" ({n} batches)"
+        for n in (10, 20)
     ]
     assert output.splitlines()[-1] == (
         "purged 25 delivery record(s) and 0 discarded dead letter(s) older than 7d"
@@ -528,7 +563,9 @@ def test_purge_reads_as_many_blocks_in_its_last_batches_as_in_its_first(
             blocks.append((int(row[0]), int(row[1])))
 
         count_blocks()
-        purged = purge(conn, "outbox", dt.timedelta(days=7), batch_size=500, on_batch=count_blocks)
+        purged = purge(
+            conn, "outbox", Cutoffs(dt.timedelta(days=7)), batch_size=500, on_batch=count_blocks
+        )
 
     assert (purged.deliveries, purged.dead_letters) == (10_000, 10_000)
     read = [(d1 - d0, l1 - l0) for (d0, l0), (d1, l1) in itertools.pairwise(blocks)]

@@ -28,9 +28,9 @@ import httpx
 import psutil
 import psycopg
 
+from outbox_lib._signature import parse_secrets, sign
 from relay.config import Route
 from relay.sinks.base import Delivered, Outbound
-from relay.sinks.signature import parse_secrets, sign
 from relay.sinks.webhook import USER_AGENT, WebhookSink
 from tests.harness.fast_webhook import FastStats, FastWebhookProcess
 

@@ -18,12 +18,12 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
+from outbox_lib._signature import SecretError, parse_secrets, sign
 from relay.backoff import Backoff
 from relay.config import Route
 from relay.plan import Dead, Pending, verdict
 from relay.runtime import MAX_RETRY_AFTER, RouteRuntime
 from relay.sinks.base import Delivered, Failed, Outbound
-from relay.sinks.signature import SecretError, parse_secrets, sign
 from relay.sinks.ssrf import blocked_reason
 from relay.sinks.webhook import (
     BlockedAddressError,
