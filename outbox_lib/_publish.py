@@ -82,11 +82,7 @@ class Outbox:
             raise _unsupported(session, "publish_async" if _is_async(session) else None)
         _check_postgres(session)
         params = self._params(topic, payload, key, headers, idempotency_key)
-        try:
-            value = session.execute(self._statement, params).scalar_one()
-        except DBAPIError as exc:
-            raise _translate(exc) from exc
-        return _as_uuid(value)
+        return _as_uuid(scalar(session, self._statement, params))
 
     async def publish_async(
         self,
@@ -103,11 +99,7 @@ class Outbox:
             raise _unsupported(session, "publish" if _is_sync(session) else None)
         _check_postgres(session)
         params = self._params(topic, payload, key, headers, idempotency_key)
-        try:
-            result = await session.execute(self._statement, params)
-        except DBAPIError as exc:
-            raise _translate(exc) from exc
-        return _as_uuid(result.scalar_one())
+        return _as_uuid(await scalar_async(session, self._statement, params))
 
     def _params(
         self, topic: object, payload: object, key: object, headers: object, idem: object
@@ -115,6 +107,25 @@ class Outbox:
         headers = with_trace_context(headers)
         msg = encode_message(topic, payload, key, headers, idem, self.max_payload_bytes)
         return _bind_values(msg)
+
+
+def scalar(session: SyncTarget, statement: TextClause, params: dict[str, object]) -> object:
+    """Run one of the library's statements in the caller's transaction; errors translated."""
+    try:
+        return session.execute(statement, params).scalar_one()
+    except DBAPIError as exc:
+        raise _translate(exc) from exc
+
+
+async def scalar_async(
+    session: AsyncTarget, statement: TextClause, params: dict[str, object]
+) -> object:
+    """:func:`scalar` for ``AsyncSession`` and ``AsyncConnection``."""
+    try:
+        result = await session.execute(statement, params)
+    except DBAPIError as exc:
+        raise _translate(exc) from exc
+    return result.scalar_one()
 
 
 def _enqueue_statement(schema: str) -> TextClause:

@@ -7,11 +7,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import String, TextClause, bindparam, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from .._encoding import MAX_IDEMPOTENCY_KEY_LENGTH, check_no_nul, check_schema_name
+from .._encoding import check_idempotency_key, check_schema_name
 from .._errors import ConfigurationError, InvalidMessageError, UnsupportedSessionError
 from .._publish import (
     AsyncTarget,
@@ -19,7 +18,8 @@ from .._publish import (
     _check_postgres,
     _is_async,
     _is_sync,
-    _translate,
+    scalar,
+    scalar_async,
 )
 from .._sqlfiles import load_queries, with_schema
 from ._message import InboxMessage
@@ -72,23 +72,14 @@ class Inbox:
         if not _is_sync(session):
             raise _wrong_target(session, "Session or Connection", "accept_async")
         _check_postgres(session)
-        params = self._params(idempotency_key)
-        try:
-            return bool(session.execute(self._statement, params).scalar_one())
-        except DBAPIError as exc:
-            raise _translate(exc) from exc
+        return bool(scalar(session, self._statement, self._params(idempotency_key)))
 
     async def accept_async(self, session: AsyncTarget, idempotency_key: str) -> bool:
         """:meth:`accept` for ``AsyncSession`` and ``AsyncConnection``."""
         if not _is_async(session):
             raise _wrong_target(session, "AsyncSession or AsyncConnection", "accept")
         _check_postgres(session)
-        params = self._params(idempotency_key)
-        try:
-            result = await session.execute(self._statement, params)
-        except DBAPIError as exc:
-            raise _translate(exc) from exc
-        return bool(result.scalar_one())
+        return bool(await scalar_async(session, self._statement, self._params(idempotency_key)))
 
     def handler(
         self, sessions: Callable[[], Session]
@@ -139,16 +130,12 @@ class Inbox:
         return decorate
 
     def _params(self, idempotency_key: object) -> dict[str, Any]:
-        if not isinstance(idempotency_key, str) or not idempotency_key:
+        if not isinstance(idempotency_key, str):  # publish's check also takes None (no key)
             raise InvalidMessageError(
-                f"idempotency_key must be a non-empty str, got {idempotency_key!r}"
+                f"idempotency_key must be a non-empty str, got {type(idempotency_key).__name__}"
             )
-        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-            raise InvalidMessageError(
-                f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
-            )
-        check_no_nul("idempotency_key", idempotency_key)
-        return {"consumer": self.consumer, "idempotency_key": idempotency_key}
+        key = check_idempotency_key(idempotency_key)
+        return {"consumer": self.consumer, "idempotency_key": key}
 
 
 def _wrong_target(obj: object, wanted: str, other: str) -> UnsupportedSessionError:
