@@ -1,16 +1,17 @@
 """``outbox-relay demo``: the whole pipeline on an embedded PostgreSQL and broker.
 
-A sample order-taking app writes each order and its ``orders.created`` message in one
-transaction (every tenth one is rolled back on purpose). The topic fans out to two routes:
-the Kafka topic of the same name, and the ``billing-hook`` webhook, a local receiver that
-verifies every signature and now and then answers 503 to show retries
-(:mod:`relay.demo_webhook`). Several relays run in the same process: they first share out
-the key buckets evenly (the first to join takes them all and hands the others their share),
-then drain the outbox together while the app is still writing, each delivering the keys of
-its own buckets. Once the outbox is empty, a consumer reads the Kafka topic back to prove
-what arrived (:mod:`relay.demo_check`): every committed order, no rolled-back one, the
-contract's headers, and per-customer order across relays; the receiver's log is checked the
-same way. Exit code 0 only if every check passes on both routes.
+A sample order-taking app (:mod:`relay.sample_app`) writes each order and its
+``orders.created`` message in one transaction (every tenth one is rolled back on purpose).
+The topic fans out to two routes: the Kafka topic of the same name, and the
+``billing-hook`` webhook, a local receiver that verifies every signature and now and then
+answers 503 to show retries (:mod:`relay.demo_webhook`). Several relays run in the same process:
+they first share out the key buckets evenly (the first to join takes them all and hands the
+others their share), then drain the outbox together while the app is still writing, each
+delivering the keys of its own buckets. Once the outbox is empty, a consumer reads the
+Kafka topic back to prove what arrived (:mod:`relay.demo_check`): every committed order, no
+rolled-back one, the contract's headers, and per-customer order across relays; the
+receiver's log is checked the same way. Exit code 0 only if every check passes on both
+routes.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,14 +42,14 @@ from psycopg import sql
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy import DateTime, Numeric, String, create_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
 import outbox_lib
 
 from .app import run_relay
 from .config import Settings, load_settings
-from .db import connect, to_libpq
+from .db import connect
 from .demo_check import Outcome, RelayShare, consume, print_summary, verify
 from .demo_webhook import Receiver, check_webhooks, new_secret, route_toml
 from .embedded import EmbeddedBroker, EmbeddedPostgres
@@ -58,9 +57,9 @@ from .engine import Engine, Stats
 from .errors import RelayError
 from .membership import Membership
 from .ownership import BUCKETS
+from .sample_app import TOPIC, Base, place_order, sqlalchemy_url
 from .store import relay_queries
 
-TOPIC = "orders.created"
 HOOK_ROUTE = "billing-hook"
 ROUTES = 2  # the topic goes to Kafka and to the webhook
 _SECRET_ENV = "DEMO_BILLING_HOOK_SECRET"  # noqa: S105 -- a variable name, not a secret
@@ -73,7 +72,6 @@ sink = "kafka"
 # Several partitions, so the per-key order check means something (one partition would
 # order everything trivially).
 PARTITIONS = 4
-CUSTOMERS = 25
 ROLLBACK_EVERY = 10
 DRAIN_TIMEOUT_S = 120.0
 CONSUME_TIMEOUT_S = 30.0
@@ -83,21 +81,6 @@ HEARTBEAT_S = 0.5
 BUCKET_LEASE_S = 5.0
 _REFRESH_S = 0.05
 _MIN_SHM_FREE = 512 * 1024 * 1024
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Order(Base):
-    """The sample app's own table, in ``public``; the outbox lives in its own schema."""
-
-    __tablename__ = "orders"
-
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    customer: Mapped[str] = mapped_column(String(40))
-    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class _Abandon(Exception):
@@ -280,11 +263,6 @@ def _prepare(url: str, bootstrap: str) -> sqlalchemy.Engine:
     return db
 
 
-def sqlalchemy_url(url: str) -> str:
-    """``postgresql+psycopg://`` form of a libpq URL; the ``?host=`` socket dir is kept."""
-    return "postgresql+psycopg://" + to_libpq(url).removeprefix("postgresql://")
-
-
 def _create_topic(bootstrap: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     topic = NewTopic(TOPIC, num_partitions=PARTITIONS, replication_factor=1)
@@ -312,22 +290,7 @@ def write_orders(db: sqlalchemy.Engine, orders: int, tally: Tally, cancel: threa
 
 def _place_order(db: sqlalchemy.Engine, order_id: int, *, abandon: bool) -> None:
     with Session(db) as session, session.begin():
-        order = Order(
-            id=order_id,
-            customer=f"customer-{order_id % CUSTOMERS:02d}",
-            amount=Decimal(500 + order_id * 7919 % 49500).scaleb(-2),
-            created_at=datetime.now(UTC),
-        )
-        session.add(order)
-        outbox_lib.publish(
-            session,
-            TOPIC,
-            {"order_id": order.id, "customer": order.customer,
-             "amount": order.amount, "created_at": order.created_at},
-            key=order.customer,
-            headers={"source": "demo"},
-            idempotency_key=f"order-{order_id}-created",
-        )  # fmt: skip
+        place_order(session, order_id, source="demo")
         if abandon:
             raise _Abandon  # after publish: the message must be rolled back with the order
 
