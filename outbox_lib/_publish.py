@@ -12,7 +12,7 @@ The active OpenTelemetry span's ``traceparent`` is added to the headers on the w
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,9 @@ class Outbox:
         Nothing is committed: the message is delivered if and only if the caller commits.
         """
         if not isinstance(session, Session | Connection | scoped_session):
-            raise _unsupported(session, "publish_async" if _is_async(session) else None)
+            raise unsupported(
+                session, "Session or Connection", "outbox_lib.publish_async", _is_async
+            )
         _check_postgres(session)
         params = self._params(topic, payload, key, headers, idempotency_key)
         return _as_uuid(scalar(session, self._statement, params))
@@ -96,7 +98,9 @@ class Outbox:
     ) -> uuid.UUID:
         """Async twin of :meth:`publish` for ``AsyncSession`` and ``AsyncConnection``."""
         if not isinstance(session, AsyncSession | AsyncConnection | async_scoped_session):
-            raise _unsupported(session, "publish" if _is_sync(session) else None)
+            raise unsupported(
+                session, "AsyncSession or AsyncConnection", "outbox_lib.publish", _is_sync
+            )
         _check_postgres(session)
         params = self._params(topic, payload, key, headers, idempotency_key)
         return _as_uuid(await scalar_async(session, self._statement, params))
@@ -159,10 +163,13 @@ def _is_sync(obj: object) -> bool:
     return isinstance(obj, Session | Connection | scoped_session)
 
 
-def _unsupported(obj: object, other: str | None) -> UnsupportedSessionError:
-    hint = f"; use outbox_lib.{other}() for this one" if other else ""
+def unsupported(
+    obj: object, wanted: str, other: str, is_other: Callable[[object], bool]
+) -> UnsupportedSessionError:
+    """The error for a session of the wrong kind, pointing at ``other`` when it would do."""
+    hint = f"; use {other}() for this one" if is_other(obj) else ""
     return UnsupportedSessionError(
-        f"expected a SQLAlchemy Session or Connection, got {type(obj).__name__}{hint}"
+        f"expected a SQLAlchemy {wanted}, got {type(obj).__name__}{hint}"
     )
 
 

@@ -20,11 +20,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import FrameType
+from typing import TypeVar
 
 import sqlalchemy
 from sqlalchemy import DateTime, Numeric, String, create_engine, text
@@ -45,6 +46,7 @@ ORDER_IDS = SqlSequence("sample_order_id")
 _CREATE_LOCK = 0x6F72646572  # "order"
 _REPORT_EVERY_S = 5.0
 _DEFAULT_OUTBOX = outbox_lib.Outbox()
+N = TypeVar("N", int, float)
 
 
 class Base(DeclarativeBase):
@@ -158,24 +160,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _non_negative(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{raw!r} must be 0 or more")
-    return value
+def _at_least_zero(convert: Callable[[str], N], kind: str) -> Callable[[str], N]:
+    """An argparse type: ``convert`` the text, refusing what is not a ``kind`` or is below 0."""
+
+    def parse(raw: str) -> N:
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {kind}") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"{raw!r} must be 0 or more")
+        return value
+
+    return parse
 
 
-def _count(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{raw!r} must be 0 or more")
-    return value
+_non_negative = _at_least_zero(float, "a number")
+_count = _at_least_zero(int, "an integer")
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from .._encoding import check_idempotency_key, check_schema_name
-from .._errors import ConfigurationError, InvalidMessageError, UnsupportedSessionError
+from .._errors import ConfigurationError, InvalidMessageError
 from .._publish import (
     AsyncTarget,
     SyncTarget,
@@ -20,6 +20,7 @@ from .._publish import (
     _is_sync,
     scalar,
     scalar_async,
+    unsupported,
 )
 from .._sqlfiles import load_queries, with_schema
 from ._message import InboxMessage
@@ -70,14 +71,14 @@ class Inbox:
     def accept(self, session: SyncTarget, idempotency_key: str) -> bool:
         """``True``: first time, process the message in this transaction. ``False``: skip it."""
         if not _is_sync(session):
-            raise _wrong_target(session, "Session or Connection", "accept_async")
+            raise unsupported(session, "Session or Connection", "Inbox.accept_async", _is_async)
         _check_postgres(session)
         return bool(scalar(session, self._statement, self._params(idempotency_key)))
 
     async def accept_async(self, session: AsyncTarget, idempotency_key: str) -> bool:
         """:meth:`accept` for ``AsyncSession`` and ``AsyncConnection``."""
         if not _is_async(session):
-            raise _wrong_target(session, "AsyncSession or AsyncConnection", "accept")
+            raise unsupported(session, "AsyncSession or AsyncConnection", "Inbox.accept", _is_sync)
         _check_postgres(session)
         return bool(await scalar_async(session, self._statement, self._params(idempotency_key)))
 
@@ -136,14 +137,6 @@ class Inbox:
             )
         key = check_idempotency_key(idempotency_key)
         return {"consumer": self.consumer, "idempotency_key": key}
-
-
-def _wrong_target(obj: object, wanted: str, other: str) -> UnsupportedSessionError:
-    other_kind = _is_async(obj) if other == "accept_async" else _is_sync(obj)
-    hint = f"; use Inbox.{other}() for this one" if other_kind else ""
-    return UnsupportedSessionError(
-        f"expected a SQLAlchemy {wanted}, got {type(obj).__name__}{hint}"
-    )
 
 
 def _accept_statement(schema: str) -> TextClause:

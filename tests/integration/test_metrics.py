@@ -29,7 +29,7 @@ from relay.metrics import Metrics
 from relay.store import Store
 from tests.harness.kafka import TansuBroker
 from tests.harness.relay import RelayThread, publish_many, scalar, settings_for, wait_until
-from tests.harness.webhook import Reply, WebhookServer, fail_first, new_secret
+from tests.harness.webhook import Reply, WebhookServer, fail_first, new_secret, refused_url
 
 pytestmark = pytest.mark.integration
 
@@ -448,9 +448,7 @@ def test_readiness_recovers_when_an_outage_is_not_retried(metered: Any, engine: 
     """The only message is dead-lettered on its first refused attempt; nothing is sent after,
     and the relay is ready again although the endpoint still refuses connections."""
     secret = new_secret()
-    server = WebhookServer(secret).start()
-    refused = server.url()
-    server.stop()
+    refused = refused_url()
     publish_many(engine, "orders.created", 1)
     with metered(None, hook(refused, secret, max_attempts=1)) as relay:
         port = port_of(relay)

@@ -57,7 +57,11 @@ def test_async_session_given_to_publish_points_to_publish_async() -> None:
 def test_sync_session_given_to_publish_async_points_to_publish(pg_engine: Engine) -> None:
     with (
         Session(pg_engine) as session,
-        pytest.raises(outbox_lib.UnsupportedSessionError, match=r"outbox_lib\.publish\(\)"),
+        pytest.raises(
+            outbox_lib.UnsupportedSessionError,
+            match=r"expected a SQLAlchemy AsyncSession or AsyncConnection, got Session; "
+            r"use outbox_lib\.publish\(\)",
+        ),
     ):
         asyncio.run(outbox_lib.publish_async(session, "t", {"a": 1}))  # type: ignore[arg-type]
 
