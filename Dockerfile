@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
 # The outbox-relay image: the `outbox-relay` command (and the outbox_lib/relay packages, so
 # `python -m relay.sample_app` runs from the same image). Built in two stages: the first
-# builds the project's wheel and installs it into a virtualenv, the second copies only that
-# virtualenv onto a slim Python. No compiler in either: psycopg[binary] and confluent-kafka
-# ship manylinux wheels with libpq and librdkafka inside.
+# installs the exact versions of uv.lock (hashes checked) and then the project itself into a
+# virtualenv, the second copies only that virtualenv onto a slim Python. No compiler in
+# either: psycopg[binary] and confluent-kafka ship manylinux wheels with libpq and
+# librdkafka inside.
 #
 #   docker build -t outbox-relay:0.1.0 .
 #   docker run --rm -e OUTBOX_DATABASE_URL=postgresql://... outbox-relay:0.1.0 migrate
@@ -13,20 +14,28 @@
 ARG PYTHON_IMAGE=python:3.11.12-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# Extras to install with the relay; "otel" lets `--otel-spans true` work.
+# The extra to install with the relay ("otel" lets `--otel-spans true` work; empty for none).
 ARG EXTRAS=otel
+# The same uv as the Makefile's UV_VERSION.
+ARG UV_VERSION=0.13.9
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    UV_NO_CACHE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/opt/venv
 WORKDIR /src
-# Only what the wheel is built from (.dockerignore keeps the rest of the repository out).
-COPY pyproject.toml README.md ./
+RUN python -m pip install "uv==${UV_VERSION}"
+# The dependencies first, from the lock alone, so this layer is rebuilt only when uv.lock
+# changes; --locked fails the build when uv.lock is stale against pyproject.toml.
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --locked --no-install-project ${EXTRAS:+--extra "$EXTRAS"} --python /usr/local/bin/python
+# Then the project, as a wheel (not editable): only the virtualenv goes to the next stage.
 COPY outbox_lib/ outbox_lib/
 COPY relay/ relay/
 COPY migrations/ migrations/
-RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv /opt/venv \
- && /opt/venv/bin/pip install "$(ls /wheels/outbox_relay-*.whl)[${EXTRAS}]" \
+RUN uv sync --locked --no-editable ${EXTRAS:+--extra "$EXTRAS"} --python /usr/local/bin/python \
  && /opt/venv/bin/outbox-relay --help > /dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -1,20 +1,43 @@
-# Every target installs what it needs into .venv first, so a fresh clone needs only
-# Python >= 3.11 and make.
+# Every target installs what it needs into .venv first, from uv.lock, so a fresh clone needs
+# only Python >= 3.11 and make. The lock holds exact versions (and hashes) of every package
+# of every extra; pyproject.toml keeps the compatible ranges that applications install with.
+# A lock that no longer matches pyproject.toml fails the install: run `make lock`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test unit lint format docs bench clean prometheus-tools
+# uv itself, pinned, installed by pip into a folder of its own (not into .venv, whose
+# contents uv keeps equal to the lock). Dockerfile's UV_VERSION and pyproject's
+# [tool.uv] required-version follow it (tests/unit/test_lock.py checks).
+UV_VERSION := 0.13.9
+UV_DIR     := .uv
+UV         := $(UV_DIR)/bin/uv
+UV_STAMP   := $(UV_DIR)/uv-$(UV_VERSION).stamp
+# Only the interpreter given here: never one downloaded by uv (the network may allow
+# package registries only), and the environment at $(VENV) whatever it is called.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+SYNC := $(UV) sync --locked --extra dev
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# The throwaway environment of `make test-latest`.
+LATEST := .latest
+
+.PHONY: install demo test check static unit lint format docs bench lock upgrade test-latest clean \
+        prometheus-tools
+
+$(UV_STAMP):
+	rm -rf $(UV_DIR)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+	  --target $(UV_DIR) 'uv==$(UV_VERSION)'
 	touch $@
 
-install: $(STAMP)
+# Cheap when nothing changed (uv checks the lock against pyproject.toml and the environment
+# against the lock in well under a second), so every target runs it: .venv is always exactly
+# the lock, whatever was installed into it by hand or by another target.
+install: $(UV_STAMP)
+	$(SYNC)
 
 # promtool and prometheus, for the tests of deploy/ (alert rules, dashboard): Debian's
 # package has both. Checked on every run (cheap) since a cached .venv says nothing about
@@ -33,37 +56,63 @@ prometheus-tools:
 	    echo "prometheus/promtool missing: tests of deploy/ will skip (fail if CI is set)" >&2; \
 	    [ -z "$$CI" ]; }; }
 
-demo: $(STAMP)
+demo: install
 	$(BIN)/outbox-relay demo
 
-lint: $(STAMP)
+# ruff, mypy and the suite with $(BIN) as it is: `test` installs first, `test-latest` points
+# VENV at its throwaway environment.
+static:
 	$(BIN)/ruff check outbox_lib relay tests docs/examples
 	$(BIN)/ruff format --check outbox_lib relay tests docs/examples
 	$(BIN)/mypy
 
-test: lint prometheus-tools
+check: static
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-unit: $(STAMP)
+lint: install
+	$(MAKE) --no-print-directory static
+
+test: install prometheus-tools
+	$(MAKE) --no-print-directory check
+
+unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-format: $(STAMP)
+format: install
 	$(BIN)/ruff format outbox_lib relay tests docs/examples
 	$(BIN)/ruff check --fix outbox_lib relay tests docs/examples
 
 # The generated tables of docs/configuration.md and docs/metrics.md (tests/unit/test_docs.py
 # fails while they are stale).
-docs: $(STAMP)
+docs: install
 	$(BIN)/python -m relay.docgen
 
-BENCH_STAMP := $(VENV)/.bench-stamp
-
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	touch $@
-
-bench: $(BENCH_STAMP)
+bench: $(UV_STAMP)
+	$(SYNC) --extra bench
 	$(BIN)/python -m tests.benchmarks.bench $(BENCH_ARGS)
 
+# After an edit of pyproject.toml: the smallest change of uv.lock that satisfies it (locked
+# versions that still fit stay).
+lock: $(UV_STAMP)
+	$(UV) lock
+
+# Every package to the newest version the ranges allow: a reviewed change of uv.lock, best
+# after `make test-latest` has passed on the same versions.
+upgrade: $(UV_STAMP)
+	$(UV) lock --upgrade
+
+# The suite on the newest versions the ranges allow, in a throwaway environment ($(LATEST)),
+# without touching uv.lock or .venv. Prints what would change; not run by CI.
+test-latest: $(UV_STAMP) prometheus-tools
+	rm -rf $(LATEST) && mkdir -p $(LATEST)/lock
+	cp pyproject.toml uv.lock README.md $(LATEST)/lock/
+	@echo "--- newest versions the ranges allow, against uv.lock:"
+	cd $(LATEST)/lock && $(CURDIR)/$(UV) lock --upgrade
+	UV_PROJECT_ENVIRONMENT=$(CURDIR)/$(LATEST)/venv $(UV) sync --locked --extra dev --no-install-project \
+	  --project $(LATEST)/lock
+	$(UV) pip install --quiet --python $(LATEST)/venv --no-deps -e .
+	$(MAKE) --no-print-directory check VENV=$(LATEST)/venv
+	@echo "--- passed on the newest versions; 'make upgrade' moves uv.lock to them"
+
 clean:
-	rm -rf $(VENV) bench-results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(UV_DIR) $(LATEST) bench-results .pytest_cache .mypy_cache .ruff_cache
