@@ -108,6 +108,8 @@ test-latest: $(UV_STAMP) prometheus-tools
 	cp pyproject.toml uv.lock README.md $(LATEST)/lock/
 	@echo "--- newest versions the ranges allow, against uv.lock:"
 	cd $(LATEST)/lock && $(CURDIR)/$(UV) lock --upgrade
+	@cmp -s uv.lock $(LATEST)/lock/uv.lock && echo "--- uv.lock already holds the newest versions" \
+	  || echo "--- the 'Updated' lines above are what 'make upgrade' would change"
 	UV_PROJECT_ENVIRONMENT=$(CURDIR)/$(LATEST)/venv $(UV) sync --locked --extra dev --no-install-project \
 	  --project $(LATEST)/lock
 	$(UV) pip install --quiet --python $(LATEST)/venv --no-deps -e .

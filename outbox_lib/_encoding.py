@@ -83,7 +83,16 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, set | frozenset):
         return sorted(value)
-    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+    raise _UnsupportedValue(value)
+
+
+class _UnsupportedValue(TypeError):
+    """A value ``_json_default`` cannot encode: the error names its type itself, whatever
+    orjson makes of the exception it wraps."""
+
+    def __init__(self, value: object) -> None:
+        self.type_name = type(value).__name__
+        super().__init__(f"Type is not JSON serializable: {self.type_name}")
 
 
 def encode_payload(payload: object) -> tuple[bytes, str]:
@@ -92,7 +101,9 @@ def encode_payload(payload: object) -> tuple[bytes, str]:
         try:
             return orjson.dumps(payload, default=_json_default, option=_JSON_OPTIONS), JSON
         except orjson.JSONEncodeError as exc:
-            raise InvalidMessageError(f"payload is not JSON-serializable: {exc}") from exc
+            cause = exc.__cause__
+            reason = f"a {cause.type_name} value" if isinstance(cause, _UnsupportedValue) else exc
+            raise InvalidMessageError(f"payload is not JSON-serializable: {reason}") from exc
     if isinstance(payload, str):
         try:
             return payload.encode("utf-8"), TEXT

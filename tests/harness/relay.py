@@ -165,6 +165,8 @@ class RelayProcess:
             **env,
         )
         self._log = log_path.open("ab")
+        # Several processes may append to one log: this one's lines start here.
+        self._log_start = self._log.tell()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay.cli", "run"],
             env=full_env,
@@ -174,13 +176,18 @@ class RelayProcess:
 
     def wait_started(self, timeout: float = 20.0) -> RelayProcess:
         wait_until(
-            lambda: b"started" in self.log_path.read_bytes() or self.proc.poll() is not None,
+            lambda: b"started" in self._own_log() or self.proc.poll() is not None,
             timeout,
             "relay process start",
         )
         if self.proc.poll() is not None:
-            raise AssertionError(f"relay exited early:\n{self.log_path.read_text()}")
+            raise AssertionError(f"relay exited early:\n{self._own_log().decode()}")
         return self
+
+    def _own_log(self) -> bytes:
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            return log.read()
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

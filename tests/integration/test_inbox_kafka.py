@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, Producer, TopicPartition
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -116,7 +117,8 @@ def test_a_consumer_dying_after_the_database_commit_redelivers_harmlessly(
     first = dying.run(max_messages=40)
     dying.close()
     assert first.handled == 40
-    assert committed(kafka.bootstrap, group, topic) == [-1001] * PARTITIONS  # none committed
+    # None committed.
+    assert committed(kafka.bootstrap, group, topic) == [OFFSET_INVALID] * PARTITIONS
 
     stats = example.consume(engine, config, idle_timeout_s=2.0, partitions=partitions(topic))
     assert stats.handled == 3 * ORDERS  # the 40 came again
@@ -157,12 +159,16 @@ def test_the_same_loop_rewinds_and_retries_the_failed_record(
     produce_three_times_shuffled(kafka.bootstrap, topic)
     charge = example.charge_handler(engine)
     failures = {"left": 1}
+    before: list[bool] = []  # what each record handled before the failure returned
 
     def once_broken(message: InboxMessage) -> bool:
         if message.idempotency_key == "order-7" and failures["left"]:
             failures["left"] -= 1
             raise ValueError("temporarily broken")
-        return bool(charge(message))
+        processed = bool(charge(message))
+        if failures["left"]:
+            before.append(processed)
+        return processed
 
     config = kafka_config(kafka.bootstrap, f"billing-{uuid.uuid4().hex[:8]}")
     with KafkaInboxLoop(config, once_broken, partitions=partitions(topic), batch_size=50) as loop:
@@ -171,7 +177,9 @@ def test_the_same_loop_rewinds_and_retries_the_failed_record(
         stats = loop.run(idle_timeout_s=2.0)
     assert charges_per_order(url).get(7) == 1
     assert_each_effect_once(url, ORDERS)
-    assert stats.processed + stats.skipped <= 3 * ORDERS
+    # The second run starts at the failed record: every record is handled once in all.
+    assert stats.processed == ORDERS - sum(before)
+    assert stats.skipped == 2 * ORDERS - (len(before) - sum(before))
 
 
 def test_transient_database_errors_retry_the_same_record(
@@ -200,9 +208,17 @@ def test_stop_interrupts_the_backoff(
 ) -> None:
     produce_three_times_shuffled(kafka.bootstrap, topic, count=2)
     stop = threading.Event()
+    calls: list[float] = []
+    stopped: list[tuple[float, int]] = []  # when stop was set, after how many calls
+
+    def set_stop() -> None:
+        stopped.append((time.monotonic(), len(calls)))
+        stop.set()
 
     def database_down(message: InboxMessage) -> bool:
-        threading.Timer(0.3, stop.set).start()
+        calls.append(time.monotonic())
+        if len(calls) == 5:  # the wait after the 5th try is 1.6 s or more: stop 0.4 s into it
+            threading.Timer(0.4, set_stop).start()
         raise OperationalError("INSERT", None, Exception("connection refused"))
 
     config = kafka_config(kafka.bootstrap, f"billing-{uuid.uuid4().hex[:8]}")
@@ -210,7 +226,13 @@ def test_stop_interrupts_the_backoff(
         config, database_down, partitions=partitions(topic), max_backoff_s=60
     ) as loop:
         stats = loop.run(stop=stop)
+        returned = time.monotonic()
     assert stats.handled == 0
+    [(stopped_at, tries)] = stopped
+    # The wait after try n is at least 0.1 * 2**(n - 1) s (0.1 s doubling, plus jitter).
+    wait_ends = calls[tries - 1] + 0.1 * 2 ** (tries - 1)
+    assert returned < wait_ends, "the loop slept its backoff out"
+    assert returned - stopped_at < 0.5
 
 
 def test_config_that_could_lose_records_is_refused() -> None:
@@ -268,7 +290,7 @@ def test_revoked_partitions_get_their_offsets_committed_first(
         loop.commit = lambda: None  # type: ignore[method-assign]  # only the revoke commits
         loop.run(max_messages=12)
         del loop.commit
-        assert committed(kafka.bootstrap, group, topic) == [-1001] * PARTITIONS
+        assert committed(kafka.bootstrap, group, topic) == [OFFSET_INVALID] * PARTITIONS
         loop._revoked(loop.consumer, partitions(topic))
         assert committed(kafka.bootstrap, group, topic) == [6] * PARTITIONS
         loop._lost(loop.consumer, partitions(topic))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -105,26 +106,28 @@ def test_functions_pin_their_search_path(database_url: str) -> None:
             "LANGUAGE sql AS $$ SELECT 999::smallint $$"
         )
         conn.execute("LISTEN outbox_wakeup")
+        sql_ids = []
         for path in ("public", "''"):
             conn.execute(f"SET search_path = {path}")
             with conn.transaction():
-                sql_id = conn.execute(
+                row = conn.execute(
                     "SELECT outbox.publish('t.sp', '{\"a\": 1}'::jsonb, key => 'k', "
                     "idempotency_key => 'i-' || current_setting('search_path'))"
                 ).fetchone()
+                assert row is not None
+                sql_ids.append(row[0])
         conn.execute("SET search_path = public")
         with sync_engine(database_url) as engine, Session(engine) as session:
             session.connection().exec_driver_sql("SET search_path = public")
             lib_id = outbox_lib.publish(session, "t.sp", {"a": 2}, key="k", idempotency_key="j")
             session.commit()
         notes = list(conn.notifies(timeout=1, stop_after=3))
-    assert sql_id is not None
     assert count(database_url, "public.message") == 0
     assert count(database_url, "public.idempotency") == 0
     rows = fetch(database_url, "SELECT id, bucket FROM outbox.message ORDER BY seq")
-    assert len(rows) == 3
-    assert rows[-1][0] == lib_id
-    assert all(0 <= bucket <= 255 for _, bucket in rows)
+    assert [id_ for id_, _ in rows] == [*sql_ids, lib_id]
+    # outbox.key_bucket, not the decoy (which would say 999).
+    assert [bucket for _, bucket in rows] == [hashlib.sha256(b"k").digest()[0]] * 3
     assert count(database_url, "outbox.idempotency") == 3
     assert [n.channel for n in notes] == ["outbox_wakeup"] * 3
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
+import hashlib
 import json
 import threading
 import time
@@ -209,7 +210,7 @@ def test_key_and_headers_stored_form(url: str, engine: Engine) -> None:
     assert rows[2]["headers"] == {}
 
 
-def test_bucket_in_range_and_stable_per_key(url: str, engine: Engine) -> None:
+def test_bucket_is_the_first_byte_of_the_keys_sha256(url: str, engine: Engine) -> None:
     keys = [f"k{i}" for i in range(40)]
     with Session(engine) as session, session.begin():
         for k in keys + keys:
@@ -217,7 +218,9 @@ def test_bucket_in_range_and_stable_per_key(url: str, engine: Engine) -> None:
         for _ in range(20):
             outbox_lib.publish(session, "t.b", {}, key=None)
     rows = message_rows(url)
-    assert all(0 <= r["bucket"] <= 255 for r in rows)
+    keyed = [r for r in rows if r["msg_key"] is not None]
+    assert len(keyed) == 80
+    assert all(r["bucket"] == hashlib.sha256(bytes(r["msg_key"])).digest()[0] for r in keyed)
     by_key: dict[bytes, set[int]] = {}
     for r in rows:
         if r["msg_key"] is not None:

@@ -104,7 +104,7 @@ def test_wrong_secret_fails_verification(secret: str, client: httpx.Client) -> N
 
     [request] = server.requests
     assert request.verified == (False,) and not request.ok
-    assert "No matching signature" in (request.verify_errors[0] or "")
+    assert (request.verify_errors[0] or "").startswith("WebhookVerificationError")
     assert request.reply_status == 200, "verification is recorded, never enforced"
 
 
@@ -127,20 +127,21 @@ def test_unsigned_requests_and_secretless_servers(secret: str, client: httpx.Cli
 
     [unsigned] = signed.requests
     assert unsigned.verified == (False,) and unsigned.signatures == ()
-    assert "Missing required headers" in (unsigned.verify_errors[0] or "")
+    assert (unsigned.verify_errors[0] or "").startswith("WebhookVerificationError")
     [unchecked] = open_.requests
     assert unchecked.verified == () and unchecked.verify_errors == () and not unchecked.ok
 
 
-def test_non_utf8_bodies_fail_the_package_check(secret: str, client: httpx.Client) -> None:
-    """A known limit of ``standardwebhooks``: it verifies a ``str`` body, so a correctly
-    signed binary body is reported as unverified, with the decode error as the reason."""
+def test_binary_bodies_are_verified_over_their_bytes(secret: str, client: httpx.Client) -> None:
+    """The harness verifies the raw bytes received, so a correctly signed body that is not
+    UTF-8 passes and the same body with one byte changed does not."""
     body = b"\xff\x00binary"
     with WebhookServer(secret) as server:
         client.post(server.url(), content=body, headers=_headers([secret], body=body))
-    [request] = server.requests
-    assert request.verified == (False,)
-    assert (request.verify_errors[0] or "").startswith("UnicodeDecodeError")
+        client.post(server.url(), content=body[:-1] + b"?", headers=_headers([secret], body=body))
+    signed, tampered = server.requests
+    assert (signed.body, signed.verified, signed.verify_errors) == (body, (True,), (None,))
+    assert tampered.verified == (False,)
 
 
 def test_repeated_headers_are_joined(client: httpx.Client) -> None:
@@ -236,7 +237,8 @@ def test_client_timeout_during_a_delay_is_noted_quietly(client: httpx.Client) ->
 def test_close_connection_resets_without_an_answer(client: httpx.Client) -> None:
     with WebhookServer() as server:
         server.script(None, [Reply(close_connection=True)])
-        with pytest.raises(httpx.ReadError):
+        # Which transport error a reset becomes is the client's business; no answer is ours.
+        with pytest.raises(httpx.TransportError):
             client.post(server.url(), content=BODY)
         assert client.post(server.url()).status_code == 200
 

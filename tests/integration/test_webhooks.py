@@ -30,10 +30,9 @@ import pytest
 from psycopg.rows import dict_row
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-from standardwebhooks import Webhook
-from standardwebhooks.webhooks import WebhookVerificationError
 
 import outbox_lib
+from outbox_lib.inbox import WebhookReceiver
 from relay.config import Route, load_settings
 from relay.errors import ConfigError
 from tests.acceptance.cli import run_cli
@@ -214,8 +213,16 @@ def test_2xx_delivers_each_message_once_with_standard_webhooks_headers(
             {"payload": {"order": 2}, "key": "2"},
             {"payload": {"order": 3}},
         )
+        first_id = scalar(
+            url, "SELECT id FROM outbox.message WHERE idempotency_key = %(k)s", {"k": ids[0]}
+        )
         # The same idempotency key again: the same message, no second delivery.
-        assert publish(engine, {"payload": {"order": 1}, "idempotency_key": "order-1-created"})
+        with Session(engine) as session, session.begin():
+            again = outbox_lib.publish(
+                session, TOPIC, {"order": 1}, idempotency_key="order-1-created"
+            )
+        assert again == first_id
+        assert count(url, "message") == 3
         relay.wait_delivered(3, timeout=15)
     started = time.time()
 
@@ -259,8 +266,10 @@ def test_two_secrets_sign_twice_and_either_secret_verifies(url: str, engine: Eng
     assert request.signatures[0][1] != request.signatures[1][1]
     assert request.verified == (True, True), "a receiver knowing only old, or only new, accepts"
     assert_signed(server.requests)
-    with pytest.raises(WebhookVerificationError):
-        Webhook(new_secret()).verify(request.body, request.headers, json_parse=False)
+    stranger = hmac_signature(
+        new_secret(), "rot-1", request.headers["webhook-timestamp"], request.body
+    )
+    assert stranger.removeprefix("v1,") not in {sig for _, sig in request.signatures}
     assert [(d["webhook_id"], d["attempts"]) for d in deliveries(url)] == [("rot-1", 1)]
     assert_settled(url)
 
@@ -433,8 +442,7 @@ def test_connection_refused_is_retried_then_dead_lettered(
     dead = dead_letters(url)
     assert len(dead) == 3
     [status] = {row["last_status"] for row in dead}
-    # The label itself is checked by test_connection_refused_is_labelled_as_such.
-    assert status in {"connection refused", "connect error"}, status
+    assert status == "connection refused"
     assert {s for _, s in observed} <= {None, status}, observed
     assert any(attempts >= 1 for attempts, _ in observed), "retried: seen waiting"
     assert max(attempts for attempts, _ in observed) < 3, "never past max_attempts"
@@ -734,7 +742,7 @@ def test_rate_limit_spaces_requests(url: str, engine: Engine, secret: str) -> No
     # last (a new connection, an in-process server sharing the GIL), hence the slack.
     span = arrivals[-1] - arrivals[0]
     assert span >= (total - rate) / rate - 0.4, span
-    assert span < 15
+    assert span < (total - rate) / rate + 2.5, span
     assert_signed(server.requests)
     assert set(attempts_by_id(url).values()) == {1}
     assert_settled(url)
@@ -856,12 +864,15 @@ def test_binary_and_text_payloads_arrive_byte_for_byte(
     assert received.body == binary
     assert received.headers["content-type"] == "application/octet-stream"
     assert received.headers["content-type"] == stored[bin_id]["content_type"]
-    # standardwebhooks decodes the body as UTF-8 before checking it, so it cannot verify a
-    # binary payload (its verdict here is False); check the HMAC over the raw bytes instead.
+    # A binary body is signed over its raw bytes: the HMAC written out here, the reference
+    # package (the harness's verdict) and the receiver applications use all accept it.
     ts = received.headers["webhook-timestamp"]
     assert [f"v1,{sig}" for _, sig in received.signatures] == [
         hmac_signature(secret, bin_id, ts, binary)
     ]
+    assert_signed([received])
+    message = WebhookReceiver(secret).verify(received.headers, received.body)
+    assert (message.idempotency_key, message.payload) == (bin_id, binary)
 
     received = by_id[text_id]
     assert received.body == text.encode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 
 from relay.cli import main
 from relay.logs import JsonFormatter
+
+ROOT = Path(__file__).resolve().parents[2]
 
 COMMANDS = ["migrate", "run", "status", "dead-letters", "routes", "replay", "purge", "demo"]
 
@@ -76,7 +79,8 @@ def test_run_help_shows_flags_with_their_environment_variables(
 
 def test_version_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert _exit_code(["--version"]) == 0
-    assert capsys.readouterr().out.startswith("outbox-relay ")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]["version"]
+    assert capsys.readouterr().out == f"outbox-relay {version}\n"
 
 
 @pytest.mark.parametrize(

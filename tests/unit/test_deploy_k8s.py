@@ -11,6 +11,7 @@ keys line up, and the pod is hardened.
 from __future__ import annotations
 
 import re
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,8 @@ def test_the_relay_is_a_native_sidecar() -> None:
     assert [c["name"] for c in spec["initContainers"]] == ["outbox-relay"]
     relay = sidecar()
     assert relay["restartPolicy"] == "Always"
-    assert relay["image"] == "outbox-relay:0.1.0"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]["version"]
+    assert relay["image"] == f"outbox-relay:{version}"
     assert relay["args"] == ["run"]
     assert "command" not in relay, "the image's ENTRYPOINT is outbox-relay"
     assert [c["name"] for c in spec["containers"]] == ["orders-app"]

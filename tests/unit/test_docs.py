@@ -88,6 +88,15 @@ def test_links_and_examples_exist(page: Path) -> None:
         assert (base / example).is_file(), f"{page.name} names missing {example}"
 
 
+def test_the_page_checks_have_something_to_check() -> None:
+    """The two tests above loop over what their patterns find: a pattern that stops
+    matching would make them pass on nothing."""
+    texts = [page.read_text("utf-8") for page in [*PAGES, README]]
+    assert sum(len(PYTHON_BLOCK.findall(text)) for text in texts) >= 10
+    assert sum(len(LINK.findall(text)) for text in texts) >= 30
+    assert sum(len(EXAMPLE.findall(text)) for text in texts) >= 3
+
+
 def test_readme_shows_the_two_commands_and_links_the_docs() -> None:
     text = README.read_text("utf-8")
     assert "make demo" in text and "make test" in text

@@ -57,11 +57,11 @@ def test_jitter_is_bounded_and_actually_random() -> None:
 def test_explicit_jitter_bound_and_cap_with_jitter() -> None:
     backoff = Backoff(initial=2.0, maximum=10.0, jitter=0.25)
     assert all(2.0 <= backoff.delay(1) <= 2.25 for _ in range(200))
-    assert all(backoff.delay(4) <= 10.0 for _ in range(200))  # 16 + jitter, still capped
+    assert {backoff.delay(4) for _ in range(200)} == {10.0}  # 16 + jitter, capped at 10
 
 
 @pytest.mark.filterwarnings("error")
 def test_backoff_uses_no_deprecated_tenacity_api() -> None:
     # tenacity 9.2 deprecated wait_exponential_jitter(initial=...); with filterwarnings=error
     # a Backoff built on it broke every test importing relay.engine.
-    assert Backoff(initial=0.5, maximum=30.0).delay(1) >= 0.5
+    assert 0.5 <= Backoff(initial=0.5, maximum=30.0).delay(1) <= 1.0

@@ -83,7 +83,8 @@ def test_bad_requests_name_the_failed_check(change: Any, reason: str) -> None:
 
 def test_tolerance_is_configurable_and_the_secret_is_never_shown() -> None:
     body = b"{}"
-    assert receiver(tolerance_s=1000).verify(headers(body, stamp=NOW - 900), body)
+    message = receiver(tolerance_s=1000).verify(headers(body, stamp=NOW - 900), body)
+    assert (message.idempotency_key, message.payload) == ("msg_1", body)
     assert SECRET not in repr(receiver()) and "1 secret" in repr(receiver())
     with pytest.raises(outbox_lib.ConfigurationError, match="secret #1 is not valid") as caught:
         WebhookReceiver("whsec_notbase64!")
