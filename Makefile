@@ -19,6 +19,10 @@ UV_STAMP   := $(UV_DIR)/uv-$(UV_VERSION).stamp
 export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+# Compiled at install, as pip does: with PYTHONDONTWRITEBYTECODE set (it is on CI machines)
+# nothing would ever write the .pyc files, and every CLI subprocess the suite starts would
+# compile SQLAlchemy anew (measured: 1.1 s instead of 0.5 s, and the suite 650 s, not 430 s).
+export UV_COMPILE_BYTECODE := 1
 SYNC := $(UV) sync --locked --extra dev
 
 # The throwaway environment of `make test-latest`.

@@ -124,6 +124,9 @@ def test_every_install_is_from_the_lock_and_refuses_a_stale_one() -> None:
         prerequisites = re.search(rf"^{target}:(.*)$", MAKEFILE, re.MULTILINE)
         assert prerequisites and "install" in prerequisites[1].split(), target
     assert "pip install -e" not in MAKEFILE
+    # As pip does: where PYTHONDONTWRITEBYTECODE is set, nothing else would write .pyc files.
+    assert "export UV_COMPILE_BYTECODE := 1" in MAKEFILE
+    assert "UV_COMPILE_BYTECODE=1" in DOCKERFILE
     assert "COPY pyproject.toml uv.lock" in DOCKERFILE
     runs = re.findall(r"^RUN (?:.*\\\n)*.*$", DOCKERFILE, re.MULTILINE)
     installs = [run for run in runs if "sync" in run or "pip install" in run]
