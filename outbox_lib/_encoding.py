@@ -7,10 +7,11 @@ caller's transaction.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import decimal
+import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -30,7 +31,7 @@ _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_UTC_Z
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class EncodedMessage:
     """A message ready for ``enqueue``: every field already in its stored form."""
 
@@ -75,7 +76,7 @@ def check_topic(topic: object) -> str:
         raise InvalidMessageError(f"topic is longer than {MAX_TOPIC_LENGTH} characters")
     if _BAD_TOPIC_CHARS.search(topic):
         raise InvalidMessageError(f"topic {topic!r} contains whitespace or control characters")
-    return topic
+    return check_text("topic", topic)
 
 
 def _json_default(value: Any) -> Any:
@@ -99,11 +100,16 @@ def encode_payload(payload: object) -> tuple[bytes, str]:
     """Return the payload bytes and their content type."""
     if isinstance(payload, dict | list):
         try:
-            return orjson.dumps(payload, default=_json_default, option=_JSON_OPTIONS), JSON
+            body = orjson.dumps(payload, default=_json_default, option=_JSON_OPTIONS)
         except orjson.JSONEncodeError as exc:
             cause = exc.__cause__
             reason = f"a {cause.type_name} value" if isinstance(cause, _UnsupportedValue) else exc
             raise InvalidMessageError(f"payload is not JSON-serializable: {reason}") from exc
+        # orjson writes NaN and infinities as null: a changed payload, so refuse them. Only a
+        # body with a null can hold one, so most payloads are never walked.
+        if b"null" in body:
+            _refuse_non_finite(payload, "payload")
+        return body, JSON
     if isinstance(payload, str):
         try:
             return payload.encode("utf-8"), TEXT
@@ -116,11 +122,34 @@ def encode_payload(payload: object) -> tuple[bytes, str]:
     )
 
 
+def _refuse_non_finite(value: object, path: str) -> None:
+    """Raise naming the first NaN or infinity in ``value`` (JSON has no way to write one)."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidMessageError(
+                f"{path} is {value!r}: JSON has no NaN or infinity (send null or a string)"
+            )
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _refuse_non_finite(item, f"{path}[{name!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _refuse_non_finite(item, f"{path}[{index}]")
+    elif isinstance(value, set | frozenset):
+        for item in value:
+            _refuse_non_finite(item, f"{path}[...]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            _refuse_non_finite(getattr(value, field.name), f"{path}.{field.name}")
+    elif hasattr(value, "dtype") and hasattr(value, "tolist"):  # numpy scalars and arrays
+        _refuse_non_finite(value.tolist(), path)
+
+
 def encode_key(key: object) -> bytes | None:
     if key is None:
         return None
     if isinstance(key, str):
-        return key.encode("utf-8")
+        return check_text("key", key).encode("utf-8")
     if isinstance(key, bytes | bytearray | memoryview):
         return bytes(key)
     raise InvalidMessageError(f"key must be a str, bytes or None, got {type(key).__name__}")
@@ -138,7 +167,7 @@ def encode_headers(headers: object) -> bytes:
     for name, value in headers.items():
         if not isinstance(name, str) or not name:
             raise InvalidMessageError(f"header names must be non-empty str, got {name!r}")
-        check_no_nul(f"header name {name!r}", name)
+        check_text(f"header name {name!r}", name)
         if name.lower() in RESERVED_HEADERS:
             raise InvalidMessageError(f"header {name!r} is reserved: the relay sets it")
         stored[name] = _encode_header_value(name, value)
@@ -147,7 +176,7 @@ def encode_headers(headers: object) -> bytes:
 
 def _encode_header_value(name: str, value: object) -> object:
     if isinstance(value, str):
-        return check_no_nul(f"header {name!r}", value)
+        return check_text(f"header {name!r}", value)
     if isinstance(value, bytes | bytearray | memoryview):
         return {"b64": base64.b64encode(bytes(value)).decode("ascii")}
     raise InvalidMessageError(f"header {name!r} must be str or bytes, got {type(value).__name__}")
@@ -177,14 +206,29 @@ def check_idempotency_key(value: object) -> str | None:
         raise InvalidMessageError(
             f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
         )
-    return check_no_nul("idempotency_key", value)
+    return check_text("idempotency_key", value)
 
 
-def check_no_nul(what: str, value: str) -> str:
-    """PostgreSQL text and jsonb cannot hold U+0000: refuse it here, the same on every driver."""
+def check_text(what: str, value: str) -> str:
+    """Text every driver and wire format can carry, refused the same way on every driver:
+    no U+0000 (PostgreSQL text and jsonb cannot hold it) and no lone surrogate (not UTF-8)."""
     if "\x00" in value:
         raise InvalidMessageError(f"{what} contains a NUL character, which PostgreSQL cannot store")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidMessageError(
+            f"{what} is not valid UTF-8: lone surrogate {value[exc.start]!r} at index {exc.start}"
+        ) from None
     return value
+
+
+def is_storable_text(value: str) -> bool:
+    try:
+        check_text("text", value)
+    except InvalidMessageError:
+        return False
+    return True
 
 
 def check_schema_name(schema: object) -> str:

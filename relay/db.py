@@ -31,20 +31,30 @@ def to_libpq(url: str) -> str:
     return "postgresql://" + url[match.end() :]
 
 
-_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password)=[^&]*")
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+# What libpq takes as a secret, or as the path to one: never shown.
+_SECRET_KEYS = "password|sslpassword|passfile"  # noqa: S105 (the names, not values)
+_QUERY_SECRET = re.compile(rf"(?i)(^|&)({_SECRET_KEYS})=[^&]*")
+# The key=value form (``host=db password='a b'``): a value is quoted (backslash escapes) or
+# runs to the next space.
+_CONNINFO_SECRET = re.compile(rf"(?i)\b({_SECRET_KEYS})\s*=\s*(?:'(?:[^'\\]|\\.)*'?|\S*)")
 
 
 def redact(url: str) -> str:
-    """The URL with any password (user part or ``?password=``) replaced by ``***``."""
+    """The database URL (or libpq key=value string) with every password, ``sslpassword`` and
+    ``passfile``, in the user part or the query, replaced by ``***``."""
+    if not _URL.match(url):
+        return _CONNINFO_SECRET.sub(r"\1=***", url)
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparseable URL>"
-    query = _QUERY_PASSWORD.sub(r"\1\2=***", parts.query)
-    if parts.password is None and query == parts.query:
+    query = _QUERY_SECRET.sub(r"\1\2=***", parts.query)
+    if password is None and query == parts.query:
         return url
     netloc = parts.netloc
-    if parts.password is not None:
+    if password is not None:
         netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
@@ -52,15 +62,16 @@ def redact(url: str) -> str:
 def describe_connect_error(url: str, exc: psycopg.Error) -> DatabaseUnavailableError:
     """A one-line, password-free error for a failed connection."""
     first = one_line(exc)
-    for secret in _passwords(url):
+    for secret in _secrets(url):
         first = first.replace(secret, "***")
     return DatabaseUnavailableError(f"cannot connect to the database {redact(url)}: {first}")
 
 
-def _passwords(url: str) -> list[str]:
+def _secrets(url: str) -> list[str]:
     parts = urlsplit(url)
     found = [parts.password] if parts.password else []
-    found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v]
+    keys = set(_SECRET_KEYS.split("|"))
+    found += [v for k, v in parse_qsl(parts.query) if k.lower() in keys and v]
     return found
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -25,6 +26,13 @@ from tests.harness.kafka import (
     topic_name_for,
 )
 from tests.harness.postgres import PgServer, fresh_database, running_pg_server
+
+# Property-based tests: no per-example deadline (the machine may be loaded); under CI the
+# same examples every run, so a red CI names a change, not a lucky draw. Locally each run
+# draws new ones, and hypothesis keeps any failure it found in .hypothesis/ to replay.
+settings.register_profile("local", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "local")
 
 
 @pytest.fixture(scope="session")

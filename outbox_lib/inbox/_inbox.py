@@ -10,7 +10,7 @@ from sqlalchemy import String, TextClause, bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from .._encoding import check_idempotency_key, check_schema_name
+from .._encoding import check_idempotency_key, check_schema_name, is_storable_text
 from .._errors import ConfigurationError, InvalidMessageError
 from .._publish import (
     AsyncTarget,
@@ -55,11 +55,11 @@ class Inbox:
             not isinstance(consumer, str)
             or not consumer
             or len(consumer) > MAX_CONSUMER_LENGTH
-            or "\x00" in consumer
+            or not is_storable_text(consumer)
         ):
             raise ConfigurationError(
                 f"consumer must be a non-empty str of at most {MAX_CONSUMER_LENGTH} characters "
-                f"without NUL, got {consumer!r}"
+                f"without NUL or lone surrogates, got {consumer!r}"
             )
         self.consumer = consumer
         self.schema = check_schema_name(schema)

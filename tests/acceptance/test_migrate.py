@@ -144,3 +144,15 @@ def test_migrate_without_a_database_url_is_a_usage_error() -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("outbox-relay: error:")
     assert "OUTBOX_DATABASE_URL" in lines[0] and "--database-url" in lines[0]
+
+
+def test_a_key_value_database_string_is_refused_without_its_password() -> None:
+    dsn = "host=127.0.0.1 port=1 user=u password=SECRET sslpassword=KEYPW dbname=shop"
+    result = run_cli("migrate", "--database-url", dsn)
+
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "must start with postgresql://" in lines[0]
+    assert "SECRET" not in result.stderr + result.stdout
+    assert "KEYPW" not in result.stderr + result.stdout

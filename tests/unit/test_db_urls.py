@@ -68,3 +68,32 @@ def test_redact_of_an_unparseable_url_shows_nothing_of_it() -> None:
 
 def test_redact_hides_a_password_query_parameter() -> None:
     assert "s3cret" not in redact("postgresql://u@h/db?sslmode=require&password=s3cret")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://u:pw@h/db?sslpassword=key-pw&passfile=/run/pgpass&sslmode=require",
+            "postgresql://u:***@h/db?sslpassword=***&passfile=***&sslmode=require",
+        ),
+        (
+            "host=127.0.0.1 port=1 user=u password=SECRET dbname=shop",
+            "host=127.0.0.1 port=1 user=u password=*** dbname=shop",
+        ),
+        ("host=h password = 'two words \\' quoted' dbname=x", "host=h password=*** dbname=x"),
+        ("host=h PASSWORD='never closed", "host=h PASSWORD=***"),
+        ("sslpassword=a passfile=/p user=u", "sslpassword=*** passfile=*** user=u"),
+        ("host=h password=a://b", "host=h password=***"),
+    ],
+)
+def test_redact_hides_every_secret_in_both_forms(url: str, shown: str) -> None:
+    """URL and libpq key=value strings alike: the password, the client key's password and
+    the password file's path."""
+    assert redact(url) == shown
+
+
+def test_a_key_value_string_is_refused_without_its_password() -> None:
+    with pytest.raises(ConfigError) as exc:
+        to_libpq("host=127.0.0.1 user=u password=SECRET dbname=shop")
+    assert "SECRET" not in str(exc.value) and "password=***" in str(exc.value)
