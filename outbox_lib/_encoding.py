@@ -27,6 +27,7 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 512
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 RESERVED_HEADERS = frozenset({"idempotency-key", "outbox-message-id", "outbox-topic"})
 _BAD_TOPIC_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_UTC_Z
 
@@ -206,7 +207,13 @@ def check_idempotency_key(value: object) -> str | None:
         raise InvalidMessageError(
             f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
         )
-    return check_text("idempotency_key", value)
+    check_text("idempotency_key", value)
+    if _CONTROL_CHARS.search(value):
+        raise InvalidMessageError(
+            f"idempotency_key {value!r} contains a control character; it travels as a header "
+            "(webhook-id, idempotency-key)"
+        )
+    return value
 
 
 def check_text(what: str, value: str) -> str:

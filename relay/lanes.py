@@ -93,10 +93,28 @@ class Lane:
         return max(1, room)
 
     async def run(self, stop: asyncio.Event) -> None:
-        recorder = asyncio.create_task(self._record_loop(stop))
+        """Deliver until ``stop``. Nothing ends a lane silently: an unexpected error is logged
+        with its cause and counted, and the lane starts again after a backoff."""
+        failures = 0
+        while True:
+            try:
+                await self._run_once(stop)
+                return
+            except Exception:  # whatever it is, the route must go on
+                failures += 1
+                log.exception("route %s: the lane failed; restarting it", self.name)
+                self.metrics.lane_failures.labels(self.name, "lane").inc()
+                await wait_any(stop, None, RECORD_BACKOFF.delay(failures))
+                if stop.is_set():
+                    return
+
+    async def _run_once(self, stop: asyncio.Event) -> None:
+        ended = asyncio.Event()  # the claim loop returned (stop) or failed
+        recorder = asyncio.create_task(self._record_loop(ended))
         try:
             await self._claim_loop(stop)
         finally:
+            ended.set()
             await self._finish(recorder)
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
@@ -169,7 +187,7 @@ class Lane:
             if blocked is None and self.runtime.disabled is not None:
                 self._finished(message, _disabled(message, self.runtime.disabled))
                 continue
-            result = blocked or await self._attempt(message)
+            result = blocked or await self._attempt_safely(message)
             if isinstance(result, Failed) and result.kind not in ("permanent",):
                 blocked = blocked or Failed(
                     "unavailable" if result.kind == "unavailable" else "held",
@@ -179,6 +197,19 @@ class Lane:
             self._finished(message, self.judge(message, result))
             if isinstance(result, Failed) and result.kind == "gone":
                 self._disable(result)
+
+    async def _attempt_safely(self, message: Outbound) -> Result:
+        """An attempt that cannot end the chain: an unexpected error is a failed attempt
+        (retried with backoff like any other, so the message is never dropped), logged with
+        its cause and counted."""
+        try:
+            return await self._attempt(message)
+        except Exception as exc:  # a bug must cost one attempt, not the key
+            log.exception(
+                "route %s: attempt of message %s failed unexpectedly", self.name, message.id
+            )
+            self.metrics.lane_failures.labels(self.name, "attempt").inc()
+            return Failed("retry", "internal error", one_line(exc))
 
     async def _attempt(self, message: Outbound) -> Result:
         assert self._slots is not None
@@ -218,8 +249,8 @@ class Lane:
     def _finished(self, message: Outbound, verdict: Verdict) -> None:
         self._done.append((message, verdict))
 
-    async def _record_loop(self, stop: asyncio.Event) -> None:
-        while not (stop.is_set() and not self._chains and not self._done):
+    async def _record_loop(self, ended: asyncio.Event) -> None:
+        while not (ended.is_set() and not self._chains and not self._done):
             await asyncio.sleep(_FLUSH_SECONDS)
             if self._done:
                 await self._flush()

@@ -148,6 +148,13 @@ ROUTE_PAUSED = MetricSpec(
     "1 while the route waits out an unreachable sink (broker down, endpoint refusing)",
     ("route",),
 )
+LANE_FAILURES = MetricSpec(
+    "outbox_lane_failures_total",
+    "counter",
+    "Unexpected errors in a webhook route's lane, each logged with its cause: in one "
+    "message's attempt (retried like any failure) or in the lane itself (restarted)",
+    ("route", "where"),
+)
 DATABASE_UP = MetricSpec("outbox_database_up", "gauge", "1 when the last database check succeeded")
 READY = MetricSpec(
     "outbox_ready", "gauge", "1 when /readyz answers 200 (database and sinks reachable)"
@@ -161,7 +168,7 @@ REFRESHED = MetricSpec(
 METRICS: tuple[MetricSpec, ...] = (
     PENDING, OLDEST_AGE, DELIVERED, FAILURES, DEAD_LETTERS, LATENCY,
     INFO, ERRORS, BATCH_SIZE, CLAIM_SECONDS, RECORD_SECONDS,
-    BUCKETS_HELD, BUCKETS_UNOWNED, RELAYS_LIVE, ROUTE_DISABLED, ROUTE_PAUSED,
+    BUCKETS_HELD, BUCKETS_UNOWNED, RELAYS_LIVE, ROUTE_DISABLED, ROUTE_PAUSED, LANE_FAILURES,
     DATABASE_UP, READY, REFRESHED,
 )  # fmt: skip
 
@@ -202,6 +209,7 @@ class Metrics:
         self.relays_live = _gauge(RELAYS_LIVE, registry)
         self.route_disabled = _gauge(ROUTE_DISABLED, registry)
         self.route_paused = _gauge(ROUTE_PAUSED, registry)
+        self.lane_failures = _counter(LANE_FAILURES, registry)
         self.database_up = _gauge(DATABASE_UP, registry)
         self.ready = _gauge(READY, registry)
         self.refreshed = _gauge(REFRESHED, registry)
@@ -218,6 +226,9 @@ class Metrics:
             self.route_disabled.labels(route).set(0)
             self.route_paused.labels(route).set(0)
             self.latency.labels(route)
+            if sinks[route] == "webhook":  # only webhook routes have lanes
+                for where in ("attempt", "lane"):
+                    self.lane_failures.labels(route, where)
 
     def recorded(self, plan: RecordPlan) -> None:
         """Count the outcomes of a committed record transaction."""

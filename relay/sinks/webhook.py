@@ -32,6 +32,7 @@ from outbox_lib._signature import sign
 
 from .. import __version__
 from ..config import Route
+from ..errors import one_line
 from ..tracing import Spans, trace_headers
 from .base import SHUTDOWN, Delivered, Failed, FailureScope, KeyGate, Outbound, Result
 from .ssrf import blocked_reason, literal_ip
@@ -44,6 +45,8 @@ RETRY_STATUSES = frozenset({408, 409, 425, 429})
 # Answers about the endpoint as a whole: the route pauses instead of trying the next message.
 ENDPOINT_STATUSES = frozenset({429, 503})
 _EXCERPT = 200
+# The reason of a message no request can carry (dead-lettered at once).
+UNSENDABLE = "unsendable"
 
 Resolver = Callable[[str, int], typing.Awaitable[list[str]]]
 
@@ -183,6 +186,8 @@ def classify_error(exc: httpx.HTTPError | BlockedAddressError, timeout: float) -
     text = str(exc) or type(exc).__name__
     if isinstance(exc, BlockedAddressError):
         return Failed("permanent", "blocked address", text)
+    if isinstance(exc, httpx.LocalProtocolError):  # e.g. a header value with a line break
+        return Failed("permanent", UNSENDABLE, f"the request is not valid HTTP: {text}")
     if isinstance(exc, httpx.ConnectTimeout):
         return Failed("retry", "connect timeout", text, scope="endpoint")
     if isinstance(exc, httpx.TimeoutException):
@@ -288,25 +293,32 @@ class WebhookSink:
     async def _post(self, message: Outbound) -> Result:
         headers = self.headers(message)
         if not self.spans.enabled:
-            return (await self._request(message, headers))[1]
-        with self.spans.webhook(self.route, message, headers) as span:
-            status, result = await self._request(message, headers)
+            return (await self._send(message, headers))[1]
+        with self.spans.webhook(self.route, message, headers) as span:  # adds traceparent
+            status, result = await self._send(message, headers)
             if status is not None:
                 span.http_status(status)
             span.results([result])
         return result
 
-    async def _request(
-        self, message: Outbound, headers: dict[str, str]
-    ) -> tuple[int | None, Result]:
+    async def _send(self, message: Outbound, headers: dict[str, str]) -> tuple[int | None, Result]:
+        try:
+            request = httpx.Request(
+                "POST",
+                self._url,
+                content=message.payload,
+                headers=headers,
+                extensions={"timeout": self._timeout},
+            )
+        except (UnicodeError, ValueError, TypeError) as exc:
+            # Not the endpoint's fault, and no retry would change it: dead-letter the message
+            # with the reason, and let the rest of its key go on.
+            detail = f"cannot build the request: {one_line(exc)}"
+            return None, Failed("permanent", UNSENDABLE, detail)
+        return await self._request(request)
+
+    async def _request(self, request: httpx.Request) -> tuple[int | None, Result]:
         """The HTTP status (None without an answer) and what it means for the message."""
-        request = httpx.Request(
-            "POST",
-            self._url,
-            content=message.payload,
-            headers=headers,
-            extensions={"timeout": self._timeout},
-        )
         transport = self._checkout()
         try:
             response = await transport.handle_async_request(request)

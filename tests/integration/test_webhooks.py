@@ -884,3 +884,87 @@ def test_binary_and_text_payloads_arrive_byte_for_byte(
     ).removeprefix("v1,")
     assert {k: v["attempts"] for k, v in stored.items()} == {bin_id: 1, text_id: 1}
     assert_settled(url)
+
+
+# -- nothing stops a lane silently ---------------------------------------------------------
+
+
+def lane_failures(relay: RelayThread, where: str) -> float | None:
+    assert relay.engine is not None
+    return relay.engine.metrics.registry.get_sample_value(
+        "outbox_lane_failures_total", {"route": ROUTE, "where": where}
+    )
+
+
+def test_a_message_no_request_can_carry_is_dead_lettered_and_its_key_moves_on(
+    url: str, engine: Engine, secret: str
+) -> None:
+    # An idempotency key is the webhook-id, and an HTTP header carries ASCII only.
+    with WebhookServer(secret) as server, relay_for(url, hook(server.url(), secret)) as relay:
+        unsendable, sendable = publish(
+            engine,
+            {"payload": {"n": 1}, "key": "k", "idempotency_key": "bestellung-ü-1"},
+            {"payload": {"n": 2}, "key": "k", "idempotency_key": "bestellung-2"},
+        )
+        relay.wait_delivered(1)
+        wait_count(url, "dead_letter", 1)
+        assert lane_failures(relay, "attempt") == lane_failures(relay, "lane") == 0
+
+    assert [r.webhook_id for r in server.requests] == [sendable]
+    [dead] = dead_letters(url)
+    assert (dead["webhook_id"], dead["attempts"], dead["reason"]) == (unsendable, 1, "unsendable")
+    assert dead["last_error"].startswith("unsendable: cannot build the request: ")
+    assert_settled(url)
+
+
+def test_an_unexpected_error_in_an_attempt_is_logged_counted_and_retried(
+    url: str, engine: Engine, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with WebhookServer(secret) as server, relay_for(url, hook(server.url(), secret)) as relay:
+        assert relay.engine is not None
+        [lane] = relay.engine.lanes
+        deliver, broken = lane.sink.deliver, {"left": 1}
+
+        async def flaky(message: Any) -> Any:
+            if broken["left"]:
+                broken["left"] -= 1
+                raise RuntimeError("a bug in the sink")
+            return await deliver(message)
+
+        lane.sink.deliver = flaky  # type: ignore[method-assign]
+        [first, second] = publish(
+            engine, {"payload": {"n": 1}, "key": "k"}, {"payload": {"n": 2}, "key": "k"}
+        )
+        relay.wait_delivered(2)
+        assert lane_failures(relay, "attempt") == 1
+
+    assert [r.webhook_id for r in server.requests] == [first, second], "key order kept"
+    assert attempts_by_id(url) == {first: 2, second: 1}
+    [logged] = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert logged.exc_info and "a bug in the sink" in str(logged.exc_info[1])
+    assert_settled(url)
+
+
+def test_a_lane_that_fails_is_logged_counted_and_restarted(
+    url: str, engine: Engine, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with WebhookServer(secret) as server, relay_for(url, hook(server.url(), secret)) as relay:
+        assert relay.engine is not None
+        [lane] = relay.engine.lanes
+        idle_timeout, broken = lane._idle_timeout, {"left": 1}
+
+        async def broken_once() -> float:
+            if broken["left"]:
+                broken["left"] -= 1
+                raise RuntimeError("a bug in the claim loop")
+            return await idle_timeout()
+
+        lane._idle_timeout = broken_once  # type: ignore[method-assign]
+        wait_until(lambda: lane_failures(relay, "lane") == 1, 10, "the lane to fail once")
+        [msg_id] = publish(engine, {"payload": {"n": 1}})
+        relay.wait_delivered(1)
+
+    assert [r.webhook_id for r in server.requests] == [msg_id]
+    [logged] = [r for r in caplog.records if "the lane failed" in r.getMessage()]
+    assert logged.exc_info and "a bug in the claim loop" in str(logged.exc_info[1])
+    assert_settled(url)

@@ -324,6 +324,25 @@ def test_blocked_address_is_dead_lettered() -> None:
     assert result.reason == "blocked address"
 
 
+def test_a_request_that_is_not_valid_http_is_dead_lettered_at_once() -> None:
+    sink, _ = sink_answering(failing(httpx.LocalProtocolError("Illegal header value b'a\\nb'")))
+    result = deliver(sink, message())
+    assert result == Failed(
+        "permanent", "unsendable", "the request is not valid HTTP: Illegal header value b'a\\nb'"
+    )
+
+
+def test_a_webhook_id_no_header_can_carry_is_dead_lettered_without_a_request() -> None:
+    sink, seen = sink_answering(lambda request: httpx.Response(200))
+    result = deliver(sink, message(idempotency_key="bestellung-ü-1"))
+    assert isinstance(result, Failed) and (result.kind, result.reason) == (
+        "permanent",
+        "unsendable",
+    )
+    assert result.detail.startswith("cannot build the request: ")
+    assert seen == []
+
+
 # --- SSRF guard: the address is checked after resolution, at connect time ----------------
 
 
