@@ -9,7 +9,8 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 5
 
+Started = TypeVar("Started")
+
 
 def new_relay_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -55,7 +58,9 @@ def build_routes(settings: Settings) -> list[RouteRuntime]:
         if route.sink == "webhook":
             sink = WebhookSink(route, signing_keys(route))
         else:
-            kafka = kafka or KafkaSink(settings.producer_config())
+            if kafka is None:
+                kafka = KafkaSink(settings.producer_config())
+                kafka.open()
             sink = kafka
         runtimes.append(_runtime(route, sink))
     return runtimes
@@ -75,6 +80,9 @@ async def open_store(settings: Settings, relay_id: str, lanes: int = 0) -> Store
         raise DatabaseUnavailableError(
             f"cannot connect to the database {redact(url)} (gave up after 30 s)"
         ) from exc
+    except asyncio.CancelledError:  # stopped while waiting for the database
+        await store.close()
+        raise
     version = await _schema_version(store)
     if version is None or version < SCHEMA_VERSION:
         await store.close()
@@ -102,6 +110,9 @@ async def join(settings: Settings, relay_id: str) -> Membership:
     except psycopg.Error as exc:
         await membership.close()
         raise describe_connect_error(url, exc) from exc
+    except asyncio.CancelledError:  # stopped while joining
+        await membership.close()
+        raise
     return membership
 
 
@@ -121,16 +132,16 @@ async def run_relay(
     routes = build_routes(settings)
     relay_id = new_relay_id()
     tag_relay(relay_id)
-    lanes = sum(1 for r in routes if r.is_lane)
-    store = await open_store(settings, relay_id, lanes)
-    try:
-        membership = await join(settings, relay_id)
-    except BaseException:
-        await store.close()
-        raise
+    # From here on a signal stops the relay cleanly, while it waits for the database too.
+    stop = stop or _stop_on_signals(routes, settings.shutdown_grace)
+    started = await _unless_stopped(stop, _connect(settings, relay_id, routes))
+    if started is None:
+        log.info("stopped before start-up finished")
+        await asyncio.gather(*(r.sink.close() for r in routes), return_exceptions=True)
+        return Stats()
+    store, membership = started
     engine = Engine(settings, store, routes, membership)
     tracing.install(settings.otel_spans, [store, *(r.sink for r in routes)])
-    stop = stop or _stop_on_signals(engine, settings.shutdown_grace)
     for warning in order_warnings(settings):
         log.warning("kafka: %s", warning)
     try:
@@ -169,6 +180,33 @@ async def run_relay(
     return engine.stats
 
 
+async def _connect(
+    settings: Settings, relay_id: str, routes: list[RouteRuntime]
+) -> tuple[Store, Membership]:
+    store = await open_store(settings, relay_id, sum(1 for r in routes if r.is_lane))
+    try:
+        return store, await join(settings, relay_id)
+    except BaseException:
+        await store.close()
+        raise
+
+
+async def _unless_stopped(
+    stop: asyncio.Event, work: Coroutine[Any, Any, Started]
+) -> Started | None:
+    """``work``'s result, or None (``work`` cancelled) if ``stop`` is set first."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
 def _observe(
     settings: Settings, engine: Engine, stop: asyncio.Event
 ) -> tuple[MetricsServer | None, asyncio.Task[None] | None]:
@@ -189,12 +227,12 @@ def _observe(
     return server, asyncio.create_task(observer.run(stop))
 
 
-def _abort_sinks(engine: Engine) -> None:
-    for runtime in engine.routes:
+def _abort_sinks(routes: list[RouteRuntime]) -> None:
+    for runtime in routes:
         runtime.sink.abort()
 
 
-def _stop_on_signals(engine: Engine, grace: float) -> asyncio.Event:
+def _stop_on_signals(routes: list[RouteRuntime], grace: float) -> asyncio.Event:
     """SIGTERM/SIGINT: stop claiming; after ``grace`` seconds, abort in-flight sends."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -204,7 +242,7 @@ def _stop_on_signals(engine: Engine, grace: float) -> asyncio.Event:
             return
         log.info("received %s: finishing in-flight work", signal.Signals(signum).name)
         stop.set()
-        loop.call_later(grace, _abort_sinks, engine)
+        loop.call_later(grace, _abort_sinks, routes)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

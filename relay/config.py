@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -28,10 +29,16 @@ SinkKind = Literal["kafka", "webhook"]
 ProducerValue = str | int | float | bool
 
 
+# PostgreSQL's timeouts are milliseconds in a 32-bit int, and librdkafka's integer
+# properties are C ints: the largest duration (about 24.8 days) and integer either takes.
+MAX_SECONDS = 2_147_483.0
+MAX_INT = 2**31 - 1
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
-    if value <= 0:
-        raise ValueError("must be a positive integer")
+    if not 0 < value <= MAX_INT:
+        raise ValueError(f"must be a positive integer of at most {MAX_INT}")
     return value
 
 
@@ -46,6 +53,8 @@ def _seconds(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
         raise ValueError("must be a positive duration")
+    if value > MAX_SECONDS:
+        raise ValueError(f"must be at most {MAX_SECONDS:g} s (about 24 days)")
     return value
 
 
@@ -266,6 +275,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start})"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
     unknown = set(document) - set(OPTION_BY_NAME) - {"kafka", "routes"}
@@ -339,8 +353,13 @@ def _producer_props(table: Any) -> dict[str, ProducerValue]:
         raise ConfigError("config [kafka.producer] must be a table of librdkafka properties")
     props: dict[str, ProducerValue] = {}
     for key, value in table.items():
+        where = f"config [kafka.producer] {key!r}"
         if not isinstance(value, str | int | float | bool):
-            raise ConfigError(f"config [kafka.producer] {key!r}: expected a string, number or bool")
+            raise ConfigError(f"{where}: expected a string, number or bool")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        if isinstance(value, int) and not -MAX_INT - 1 <= value <= MAX_INT:
+            raise ConfigError(f"{where}: {value} does not fit librdkafka's 32-bit integers")
         props[str(key)] = value
     return props
 
@@ -427,8 +446,14 @@ def _check_route_value(where: str, key: str, value: Any) -> None:
     wrong_type = not isinstance(value, expected) or (bool not in expected and value is True)
     if wrong_type or isinstance(value, bool) != (bool in expected):
         raise ConfigError(f"{where}: {key} must be a {names}, got {value!r}")
-    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
-        raise ConfigError(f"{where}: {key} must be positive, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(f"{where}: {key} must be positive, got {value!r}")
+        limit = MAX_SECONDS if key.endswith("_s") and key != "rate_limit_per_s" else MAX_INT
+        if value > limit:
+            raise ConfigError(f"{where}: {key} must be at most {limit:g}, got {value!r}")
     if isinstance(value, str) and not value:
         raise ConfigError(f"{where}: {key} must not be empty")
 
@@ -506,7 +531,14 @@ def _check_webhook(route: Route) -> None:
     where = f"route {route.name!r}"
     if not route.url:
         raise ConfigError(f"{where}: a webhook route needs a url")
-    parts = urlsplit(route.url)
+    import httpx  # noqa: PLC0415 (lazily: --help and usage errors stay fast)
+
+    try:
+        parts = urlsplit(route.url)
+        httpx.URL(route.url)  # what the sink will parse it with
+    except (ValueError, httpx.InvalidURL) as exc:
+        # Not the URL itself: its path or query may hold a token.
+        raise ConfigError(f"{where}: url is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: url must be an http:// or https:// URL with a host name")
     if not route.secret:

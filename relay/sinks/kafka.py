@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ..config import ProducerValue, Route
+from ..errors import ConfigError
 from ..tracing import Spans
 from .base import SHUTDOWN, Delivered, Failed, Outbound, Result
 
@@ -134,6 +136,10 @@ class _Batch:
         return [r if r is not None else unanswered for r in self.results]
 
 
+# Properties whose values are secrets (sasl.password, ssl.key.password, ...): never echoed.
+_SECRET_PROPERTY = re.compile(r"password|secret", re.IGNORECASE)
+
+
 class KafkaSink:
     """Sends batches to Kafka; one idempotent producer per relay process."""
 
@@ -153,6 +159,21 @@ class KafkaSink:
             if self._producer is None:
                 self._producer = Producer(self._config, logger=log)
             return self._producer
+
+    def open(self) -> None:
+        """Create the producer now, so that librdkafka judges the configuration at start-up
+        (an unknown property, a value out of range, idempotence with acks=0) and a relay
+        whose Kafka routes can never work stops there instead of looking healthy."""
+        try:
+            self._get_producer()
+        except (KafkaException, ValueError, TypeError) as exc:
+            error = exc.args[0] if exc.args else exc
+            text = error.str() if isinstance(error, KafkaError) else str(error)
+            for key, value in self._config.items():
+                if _SECRET_PROPERTY.search(key) and str(value):
+                    text = text.replace(str(value), "***")
+            text = " ".join(text.split())
+            raise ConfigError(f"config [kafka.producer]: librdkafka refuses it: {text}") from None
 
     async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
         return await asyncio.to_thread(self.send_sync, route, batch)

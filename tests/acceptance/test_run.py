@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from relay.app import SCHEMA_VERSION
 from tests.acceptance.cli import (
+    RelayProcess,
     error_lines,
     execute,
     migrate,
@@ -21,6 +23,7 @@ from tests.acceptance.cli import (
     query,
     run_cli,
     scalar,
+    start_cli,
     start_relay,
 )
 from tests.harness.kafka import KafkaEndpoint, Record, consume_all, consume_for, create_topic
@@ -318,3 +321,59 @@ def test_run_without_kafka_or_routes_is_a_usage_error(database_url: str) -> None
         "outbox-relay: error: no routes: set OUTBOX_KAFKA_BOOTSTRAP_SERVERS (every topic to "
         "Kafka) or add [[routes]] to the config file"
     )
+
+
+@pytest.mark.parametrize(
+    ("producer", "named"),
+    [
+        ('"enable.idempotence" = "maybe"', "enable.idempotence"),
+        ('"acks" = 0', "acks"),
+        ('"no.such.property" = 1', "no.such.property"),
+        ('"message.max.bytes" = 1', "message.max.bytes"),
+    ],
+)
+def test_a_producer_configuration_librdkafka_refuses_stops_the_relay_at_start(
+    database_url: str, tmp_config: Callable[..., Path], producer: str, named: str
+) -> None:
+    migrate(database_url)
+    kafka = '[kafka]\nbootstrap_servers = "127.0.0.1:1"\n'
+    config = tmp_config(f"{kafka}[kafka.producer]\n{producer}\n")
+    result = run_cli(
+        "run",
+        "--config",
+        str(config),
+        "--metrics-port",
+        "0",
+        env={"OUTBOX_DATABASE_URL": database_url},
+        timeout=30,
+    )
+
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("outbox-relay: error: config [kafka.producer]: librdkafka refuses")
+    assert named in lines[0]
+    assert "started" not in result.stderr + result.stdout, "never served /healthz"
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_while_waiting_for_the_database_exits_0() -> None:
+    with socket.socket() as silent:  # accepts nothing: the relay waits for its connection
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        port = silent.getsockname()[1]
+        relay = RelayProcess(
+            start_cli(
+                "run",
+                env={
+                    "OUTBOX_DATABASE_URL": f"postgresql://u@127.0.0.1:{port}/x",
+                    "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+                },
+            )
+        )
+        time.sleep(1.5)  # well into the wait for the database (30 s)
+        code = relay.stop(signal.SIGTERM, timeout=15)
+
+    assert code == 0, relay.output
+    assert "stopped before start-up finished" in relay.output
+    assert "Traceback" not in relay.output

@@ -182,6 +182,10 @@ def test_config_error_is_a_configuration_error() -> None:
         ),
         ('[[routes]]\nname = "bad name"\ntopics = ["x"]\nsink = "kafka"\n', "name must be"),
         ('[kafka.producer]\n"linger.ms" = [1]\n', "linger.ms"),
+        ('[kafka.producer]\n"linger.ms" = inf\n', "'linger.ms': must be a finite number"),
+        ('[kafka.producer]\n"message.timeout.ms" = 2147483648\n', "32-bit integers"),
+        ("hold_seconds = 2147483648\n", r"hold_seconds.*at most 2\.14748e\+06 s"),
+        ("batch_size = 2147483648\n", "at most 2147483647"),
     ],
 )
 def test_bad_config_files_are_config_errors(
@@ -189,6 +193,13 @@ def test_bad_config_files_are_config_errors(
 ) -> None:
     with pytest.raises(ConfigError, match=problem):
         load_settings({}, {}, toml(text))
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_bytes(b'schema = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"is not UTF-8 \(byte 0xe9 at offset 13\)"):
+        load_settings({}, {}, str(path))
 
 
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
@@ -304,6 +315,15 @@ GOOD_SECRET = "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
         ('url = "https://e.x/h"\nsecret_env = "HOOK_SECRET"', "HOOK_SECRET, which is not set"),
         (f'url = "https://e.x/h"\nsecret = "{GOOD_SECRET}"\nconcurrency = 0', "positive"),
         (f'url = "https://e.x/h"\nsecret = "{GOOD_SECRET}"\nrate_limit_per_s = -1', "positive"),
+        (f'url = "https://e.x/h"\nsecret = "{GOOD_SECRET}"\nbackoff_initial_s = nan', "finite"),
+        (f'url = "https://e.x/h"\nsecret = "{GOOD_SECRET}"\ntimeout_s = inf', "finite"),
+        (
+            f'url = "https://e.x/h"\nsecret = "{GOOD_SECRET}"\nbackoff_max_s = 1e12',
+            r"backoff_max_s must be at most 2\.14748e\+06",
+        ),
+        (f'url = "https://e.x/h"\nsecret = "{GOOD_SECRET}"\nmax_attempts = 2147483648', "most"),
+        (f'url = "http://0177.0.0.1/"\nsecret = "{GOOD_SECRET}"', "not a valid URL"),
+        (f'url = "http://[::1/h"\nsecret = "{GOOD_SECRET}"', "not a valid URL"),
     ],
 )
 def test_bad_webhook_routes_are_config_errors(
