@@ -11,7 +11,11 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import logging
+import math
+import re
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -80,3 +84,41 @@ def configure_logging(level: str, fmt: str) -> None:
     # The relay logs the outcomes that matter (dead letters, disabled routes, outages) itself.
     for noisy in ("psycopg.pool", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class RepeatQuieter:
+    """What librdkafka logs, forwarded to ``logger`` without its repetitions.
+
+    A broker that refuses connections makes librdkafka log the same failure many times a
+    second. Each kind of line (its level and text, numbers aside) is forwarded the first time;
+    repeats within ``every`` seconds are counted instead, and the next one after that is
+    forwarded with how many were left out, so a lasting outage reads as one line a minute
+    and a new kind of line (a state change) shows at once. Pass it as a client's ``logger``.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._every = every
+        self._clock = clock
+        self._seen: dict[tuple[int, str], tuple[float, int]] = {}  # kind -> (shown at, left out)
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        text = msg % args if args else msg
+        kind = (level, _NUMBERS.sub("#", text))
+        now = self._clock()
+        shown_at, left_out = self._seen.get(kind, (-math.inf, 0))
+        if now - shown_at < self._every:
+            self._seen[kind] = (shown_at, left_out + 1)
+            return
+        if left_out:
+            text += f" ({left_out} more like it in the last {now - shown_at:.0f} s)"
+        self._seen[kind] = (now, 0)
+        self._logger.log(level, "%s", text)
+
+
+_NUMBERS = re.compile(r"\d+")

@@ -19,6 +19,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ..config import ProducerValue, Route
 from ..errors import ConfigError
+from ..logs import RepeatQuieter
 from ..tracing import Spans
 from .base import SHUTDOWN, Delivered, Failed, Outbound, Result
 
@@ -145,6 +146,7 @@ class KafkaSink:
 
     def __init__(self, config: Mapping[str, ProducerValue], poll_interval: float = 0.05) -> None:
         self._config = dict(config)
+        self._librdkafka_log = RepeatQuieter(log)
         self._poll_interval = poll_interval
         self._producer: Producer | None = None
         self._aborted = threading.Event()
@@ -157,7 +159,7 @@ class KafkaSink:
     def _get_producer(self) -> Producer:
         with self._lock:
             if self._producer is None:
-                self._producer = Producer(self._config, logger=log)
+                self._producer = Producer(self._config, logger=self._librdkafka_log)
             return self._producer
 
     def open(self) -> None:
