@@ -64,7 +64,7 @@ def encode_message(
         content_type=content_type,
         key=encode_key(key),
         headers=encode_headers(headers),
-        idempotency_key=check_idempotency_key(idempotency_key),
+        idempotency_key=_check_delivery_key(check_idempotency_key(idempotency_key)),
     )
 
 
@@ -207,8 +207,12 @@ def check_idempotency_key(value: object) -> str | None:
         raise InvalidMessageError(
             f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
         )
-    check_text("idempotency_key", value)
-    if _CONTROL_CHARS.search(value):
+    return check_text("idempotency_key", value)
+
+
+def _check_delivery_key(value: str | None) -> str | None:
+    """A published idempotency key travels as a header (webhook-id, idempotency-key)."""
+    if value is not None and _CONTROL_CHARS.search(value):
         raise InvalidMessageError(
             f"idempotency_key {value!r} contains a control character; it travels as a header "
             "(webhook-id, idempotency-key)"

@@ -215,3 +215,59 @@ def test_publish_from_trigger(url: str, conn: psycopg.Connection[Any]) -> None:
     assert all(r["content_type"] == "application/json" for r in stored)
     assert stored[0]["bucket"] == stored[2]["bucket"]
     assert count(url, "outbox.idempotency") == 3
+
+
+# -- one set of rules at every door -------------------------------------------------------
+
+WHITESPACE = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+SAME_RULES = [
+    pytest.param({"topic": "x" * 256}, "topic is longer than 255 characters", id="long-topic"),
+    *(
+        pytest.param(
+            {"topic": f"orders{c}created"},
+            "contains whitespace or control characters",
+            id=f"topic-U+{ord(c):04X}",
+        )
+        for c in [*WHITESPACE, "\x01", "\x7f"]
+    ),
+    pytest.param({"headers": {"": "v"}}, "header names must be non-empty", id="empty-header"),
+    *(
+        pytest.param({"headers": {name: "x"}}, f"header '{name}' is reserved", id=name)
+        for name in ["idempotency-key", "Outbox-Message-Id", "OUTBOX-TOPIC"]
+    ),
+    pytest.param(
+        {"idempotency_key": "k" * 513},
+        "idempotency_key is longer than 512 characters",
+        id="long-key",
+    ),
+    pytest.param({"idempotency_key": "order\n7"}, "contains a control character", id="key-newline"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "refusal"), SAME_RULES)
+def test_sql_and_python_refuse_the_same_input_in_the_same_words(
+    url: str, conn: psycopg.Connection[Any], arguments: dict[str, Any], refusal: str
+) -> None:
+    call = {"topic": "orders.created", "headers": None, "idempotency_key": None, **arguments}
+    with (
+        sync_engine(url) as engine,
+        Session(engine) as session,
+        pytest.raises(outbox_lib.InvalidMessageError) as python,
+    ):
+        outbox_lib.publish(session, call["topic"], {}, **_without_topic(call))
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as sql:
+        conn.execute(
+            "SELECT outbox.publish(%s, '{}'::jsonb, headers => %s::jsonb, "
+            "idempotency_key => %s)",
+            (call["topic"], json.dumps(call["headers"]) if call["headers"] else None,
+             call["idempotency_key"]),
+        )  # fmt: skip
+    conn.rollback()
+    assert refusal in str(python.value)
+    assert str(sql.value.diag.message_primary).startswith("outbox.publish: ")
+    assert refusal in str(sql.value.diag.message_primary)
+    assert count(url) == 0
+
+
+def _without_topic(call: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in call.items() if k != "topic"}
