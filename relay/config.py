@@ -438,14 +438,17 @@ _ROUTE_TYPES: Mapping[str, tuple[type, ...]] = {
 }
 
 
+_TYPE_NAMES: Mapping[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
 def _check_route_value(where: str, key: str, value: Any) -> None:
     expected = _ROUTE_TYPES.get(key)
     if expected is None:
         return
-    names = " or ".join("number" if t is float else t.__name__ for t in expected)
+    names = " or ".join(_TYPE_NAMES[t] for t in expected if t is not int or float not in expected)
     wrong_type = not isinstance(value, expected) or (bool not in expected and value is True)
     if wrong_type or isinstance(value, bool) != (bool in expected):
-        raise ConfigError(f"{where}: {key} must be a {names}, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be {_a(names)}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -456,6 +459,10 @@ def _check_route_value(where: str, key: str, value: Any) -> None:
             raise ConfigError(f"{where}: {key} must be at most {limit:g}, got {value!r}")
     if isinstance(value, str) and not value:
         raise ConfigError(f"{where}: {key} must not be empty")
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 def _check_leases(settings: Settings) -> None:
