@@ -21,7 +21,7 @@ import hmac
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -896,6 +896,19 @@ def lane_failures(relay: RelayThread, where: str) -> float | None:
     )
 
 
+def failing_once(work: Callable[..., Awaitable[Any]], error: str) -> Callable[..., Awaitable[Any]]:
+    """``work``, except that its first call raises ``RuntimeError(error)``: a bug, once."""
+    left = [1]
+
+    async def once(*args: Any) -> Any:
+        if left[0]:
+            left[0] = 0
+            raise RuntimeError(error)
+        return await work(*args)
+
+    return once
+
+
 def test_a_message_no_request_can_carry_is_dead_lettered_and_its_key_moves_on(
     url: str, engine: Engine, secret: str
 ) -> None:
@@ -923,15 +936,7 @@ def test_an_unexpected_error_in_an_attempt_is_logged_counted_and_retried(
     with WebhookServer(secret) as server, relay_for(url, hook(server.url(), secret)) as relay:
         assert relay.engine is not None
         [lane] = relay.engine.lanes
-        deliver, broken = lane.sink.deliver, {"left": 1}
-
-        async def flaky(message: Any) -> Any:
-            if broken["left"]:
-                broken["left"] -= 1
-                raise RuntimeError("a bug in the sink")
-            return await deliver(message)
-
-        lane.sink.deliver = flaky  # type: ignore[method-assign]
+        lane.sink.deliver = failing_once(lane.sink.deliver, "a bug in the sink")  # type: ignore[method-assign]
         [first, second] = publish(
             engine, {"payload": {"n": 1}, "key": "k"}, {"payload": {"n": 2}, "key": "k"}
         )
@@ -951,15 +956,7 @@ def test_a_lane_that_fails_is_logged_counted_and_restarted(
     with WebhookServer(secret) as server, relay_for(url, hook(server.url(), secret)) as relay:
         assert relay.engine is not None
         [lane] = relay.engine.lanes
-        idle_timeout, broken = lane._idle_timeout, {"left": 1}
-
-        async def broken_once() -> float:
-            if broken["left"]:
-                broken["left"] -= 1
-                raise RuntimeError("a bug in the claim loop")
-            return await idle_timeout()
-
-        lane._idle_timeout = broken_once  # type: ignore[method-assign]
+        lane._idle_timeout = failing_once(lane._idle_timeout, "a bug in the claim loop")  # type: ignore[method-assign]
         wait_until(lambda: lane_failures(relay, "lane") == 1, 10, "the lane to fail once")
         [msg_id] = publish(engine, {"payload": {"n": 1}})
         relay.wait_delivered(1)
