@@ -57,7 +57,8 @@ def consumer_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with the settings the loop relies on; refuses ones that would lose records.
 
     ``group.id`` is required (offsets are committed to the group). Automatic commits are
-    turned off: they could commit a record before its transaction commits.
+    turned off: they could commit a record before its transaction commits. Unless given,
+    ``auto.offset.reset`` is ``earliest`` and ``session.timeout.ms`` 10 s.
     """
     if not config.get("group.id"):
         raise ConfigurationError("the Kafka consumer config needs a group.id to commit offsets")
@@ -67,7 +68,13 @@ def consumer_config(config: Mapping[str, Any]) -> dict[str, Any]:
             "enable.auto.commit must be false: the inbox loop commits offsets itself, after "
             "the database commit"
         )
-    merged: dict[str, Any] = {"auto.offset.reset": "earliest", **config}
+    merged: dict[str, Any] = {
+        "auto.offset.reset": "earliest",
+        # A crashed member holds its partitions until its session times out: 10 s rather
+        # than librdkafka's 45 s before a restarted consumer resumes (brokers allow >= 6 s).
+        "session.timeout.ms": 10_000,
+        **config,
+    }
     merged.update({"enable.auto.commit": False, "enable.auto.offset.store": False})
     return merged
 

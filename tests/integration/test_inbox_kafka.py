@@ -244,6 +244,9 @@ def test_config_that_could_lose_records_is_refused() -> None:
     merged = consumer_config({"group.id": "g", "enable.auto.commit": "false"})
     assert merged["enable.auto.commit"] is False and merged["enable.auto.offset.store"] is False
     assert merged["auto.offset.reset"] == "earliest"
+    assert merged["session.timeout.ms"] == 10_000, "a crashed member's partitions wait 10 s"
+    given = consumer_config({"group.id": "g", "session.timeout.ms": 30_000})
+    assert given["session.timeout.ms"] == 30_000
     with pytest.raises(outbox_lib.ConfigurationError, match="exactly one"):
         KafkaInboxLoop({"group.id": "g"}, bool)
 
