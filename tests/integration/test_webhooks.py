@@ -35,6 +35,7 @@ import outbox_lib
 from outbox_lib.inbox import WebhookReceiver
 from relay.config import Route, load_settings
 from relay.errors import ConfigError
+from relay.lanes import Lane
 from tests.acceptance.cli import run_cli
 from tests.harness.relay import RelayThread, publish_many, scalar, settings_for, wait_until
 from tests.harness.webhook import (
@@ -896,8 +897,9 @@ def lane_failures(relay: RelayThread, where: str) -> float | None:
     )
 
 
-def failing_once(work: Callable[..., Awaitable[Any]], error: str) -> Callable[..., Awaitable[Any]]:
-    """``work``, except that its first call raises ``RuntimeError(error)``: a bug, once."""
+def break_once(owner: object, method: str, error: str) -> None:
+    """Make ``owner.method`` raise ``RuntimeError(error)`` on its next call only: a bug, once."""
+    work: Callable[..., Awaitable[Any]] = getattr(owner, method)
     left = [1]
 
     async def once(*args: Any) -> Any:
@@ -906,7 +908,13 @@ def failing_once(work: Callable[..., Awaitable[Any]], error: str) -> Callable[..
             raise RuntimeError(error)
         return await work(*args)
 
-    return once
+    setattr(owner, method, once)
+
+
+def only_lane(relay: RelayThread) -> Lane:
+    assert relay.engine is not None
+    [lane] = relay.engine.lanes
+    return lane
 
 
 def test_a_message_no_request_can_carry_is_dead_lettered_and_its_key_moves_on(
@@ -934,9 +942,7 @@ def test_an_unexpected_error_in_an_attempt_is_logged_counted_and_retried(
     url: str, engine: Engine, secret: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with WebhookServer(secret) as server, relay_for(url, hook(server.url(), secret)) as relay:
-        assert relay.engine is not None
-        [lane] = relay.engine.lanes
-        lane.sink.deliver = failing_once(lane.sink.deliver, "a bug in the sink")  # type: ignore[method-assign]
+        break_once(only_lane(relay).sink, "deliver", "a bug in the sink")
         [first, second] = publish(
             engine, {"payload": {"n": 1}, "key": "k"}, {"payload": {"n": 2}, "key": "k"}
         )
@@ -954,9 +960,7 @@ def test_a_lane_that_fails_is_logged_counted_and_restarted(
     url: str, engine: Engine, secret: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with WebhookServer(secret) as server, relay_for(url, hook(server.url(), secret)) as relay:
-        assert relay.engine is not None
-        [lane] = relay.engine.lanes
-        lane._idle_timeout = failing_once(lane._idle_timeout, "a bug in the claim loop")  # type: ignore[method-assign]
+        break_once(only_lane(relay), "_idle_timeout", "a bug in the claim loop")
         wait_until(lambda: lane_failures(relay, "lane") == 1, 10, "the lane to fail once")
         [msg_id] = publish(engine, {"payload": {"n": 1}})
         relay.wait_delivered(1)
