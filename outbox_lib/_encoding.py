@@ -11,6 +11,7 @@ import dataclasses
 import decimal
 import math
 import re
+import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,9 +26,16 @@ BINARY = "application/octet-stream"
 MAX_TOPIC_LENGTH = 255
 MAX_IDEMPOTENCY_KEY_LENGTH = 512
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
-RESERVED_HEADERS = frozenset({"idempotency-key", "outbox-message-id", "outbox-topic"})
+# Header names the relay sets on deliveries (any case): idempotency-key and every outbox-*
+# name (outbox-message-id, outbox-topic, outbox-topic-signature and any added later).
+RESERVED_HEADER = "idempotency-key"
+RESERVED_HEADER_PREFIX = "outbox-"
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _BAD_TOPIC_CHARS = re.compile(r"[\s\x00-\x1f\x7f]")
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# A published idempotency key travels as an HTTP header value (webhook-id, idempotency-key):
+# printable ASCII, as the IETF Idempotency-Key header's structured string, and no space at
+# either end, which HTTP parsers strip (the webhook signature would then not match).
+_DELIVERY_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_UTC_Z
 
@@ -169,10 +177,18 @@ def encode_headers(headers: object) -> bytes:
         if not isinstance(name, str) or not name:
             raise InvalidMessageError(f"header names must be non-empty str, got {name!r}")
         check_text(f"header name {name!r}", name)
-        if name.lower() in RESERVED_HEADERS:
-            raise InvalidMessageError(f"header {name!r} is reserved: the relay sets it")
+        if is_reserved_header(name):
+            raise InvalidMessageError(
+                f"header {name!r} is reserved: the relay sets idempotency-key and outbox-* headers"
+            )
         stored[name] = _encode_header_value(name, value)
     return orjson.dumps(stored)
+
+
+def is_reserved_header(name: str) -> bool:
+    # ASCII case only, as header names compare on the wire (and as the SQL function folds).
+    lowered = name.translate(_ASCII_LOWER)
+    return lowered == RESERVED_HEADER or lowered.startswith(RESERVED_HEADER_PREFIX)
 
 
 def _encode_header_value(name: str, value: object) -> object:
@@ -212,10 +228,10 @@ def check_idempotency_key(value: object) -> str | None:
 
 def _check_delivery_key(value: str | None) -> str | None:
     """A published idempotency key travels as a header (webhook-id, idempotency-key)."""
-    if value is not None and _CONTROL_CHARS.search(value):
+    if value is not None and not _DELIVERY_KEY.fullmatch(value):
         raise InvalidMessageError(
-            f"idempotency_key {value!r} contains a control character; it travels as a header "
-            "(webhook-id, idempotency-key)"
+            f"idempotency_key {value!r} must be printable ASCII with no space at either end; "
+            "it travels as an HTTP header (webhook-id, idempotency-key)"
         )
     return value
 

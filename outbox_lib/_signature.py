@@ -8,6 +8,11 @@ space-separated, while it rotates them: each signs the request, and the receiver
 request if any signature matches. The signed content is ``{webhook-id}.{webhook-timestamp}.``
 followed by the exact body bytes.
 
+The relay adds the outbox topic (``outbox-topic``, :func:`topic_header`) and signs it in
+``outbox-topic-signature``, the same scheme over ``{outbox-topic}``, a line feed, then the
+content above. Deduplication is per topic, so a receiver must not take the topic from a
+header anyone replaying a captured request could change.
+
 Signing is done here with :mod:`hmac` rather than with the ``standardwebhooks`` package: that
 package signs a ``str`` body, so it cannot sign a binary payload byte for byte. The tests
 verify every request with the package itself.
@@ -19,11 +24,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import string
+import urllib.parse
 from collections.abc import Sequence
 
 from ._errors import ConfigurationError
 
 PREFIX = "whsec_"
+# Visible ASCII but "%": what a topic keeps as is in the outbox-topic header.
+_TOPIC_SAFE = "".join(sorted(set(string.punctuation) - {"%"}))
 
 
 class SecretError(ConfigurationError):
@@ -51,18 +60,40 @@ def _key(number: int, part: str) -> bytes:
     return key
 
 
-def _digest(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> bytes:
+def _digest(
+    key: bytes, webhook_id: str, timestamp: int, body: bytes, topic: str | None = None
+) -> bytes:
     content = b"%s.%d.%s" % (webhook_id.encode(), timestamp, body)
+    if topic is not None:  # a topic header holds no line feed (topics hold no whitespace)
+        content = topic.encode() + b"\n" + content
     return base64.b64encode(hmac.new(key, content, hashlib.sha256).digest())
 
 
-def sign(keys: Sequence[bytes], webhook_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value: ``v1,<base64>`` per key, space-separated."""
-    return " ".join("v1," + _digest(key, webhook_id, timestamp, body).decode() for key in keys)
+def sign(
+    keys: Sequence[bytes],
+    webhook_id: str,
+    timestamp: int,
+    body: bytes,
+    *,
+    topic: str | None = None,
+) -> str:
+    """The ``webhook-signature`` header value: ``v1,<base64>`` per key, space-separated.
+
+    With ``topic`` (the ``outbox-topic`` header value), the ``outbox-topic-signature`` one.
+    """
+    return " ".join(
+        "v1," + _digest(key, webhook_id, timestamp, body, topic).decode() for key in keys
+    )
 
 
 def verify(
-    keys: Sequence[bytes], webhook_id: str, timestamp: int, body: bytes, header: str
+    keys: Sequence[bytes],
+    webhook_id: str,
+    timestamp: int,
+    body: bytes,
+    header: str,
+    *,
+    topic: str | None = None,
 ) -> bool:
     """True when any ``v1,`` entry of ``header`` is the signature of one of ``keys``.
 
@@ -73,7 +104,25 @@ def verify(
         for version, _, sig in (e.partition(",") for e in header.split())
         if version == "v1"
     ]
-    expected = [_digest(key, webhook_id, timestamp, body) for key in keys]
+    expected = [_digest(key, webhook_id, timestamp, body, topic) for key in keys]
     # No short-circuit: the time taken does not say which entry matched.
     matches = [hmac.compare_digest(o, e) for o in offered for e in expected]
     return any(matches)
+
+
+def topic_header(topic: str) -> str:
+    """The ``outbox-topic`` header value: the topic, with ``%`` and every character outside
+    visible ASCII percent-encoded as UTF-8 (RFC 3986), so any topic fits a header and two
+    topics never share a value. Most topics (``orders.created``) are sent as they are."""
+    return urllib.parse.quote(topic, safe=_TOPIC_SAFE)
+
+
+def parse_topic_header(value: str) -> str:
+    """Inverse of :func:`topic_header`; ``ValueError`` if ``value`` is not one of its values."""
+    try:
+        topic = urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        topic = ""
+    if not topic or topic_header(topic) != value:
+        raise ValueError(f"not a percent-encoded topic: {value[:60]!r}")
+    return topic

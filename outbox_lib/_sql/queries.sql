@@ -7,4 +7,4 @@ SELECT {schema}.enqueue(
 )
 
 -- name: inbox_accept
-SELECT {schema}.inbox_accept(:consumer, :idempotency_key)
+SELECT {schema}.inbox_accept(:consumer, :idempotency_key, :topic)

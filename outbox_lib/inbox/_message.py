@@ -18,8 +18,11 @@ _EMPTY: Mapping[str, bytes] = MappingProxyType({})
 class InboxMessage:
     """One delivery of an outbox message, as a consumer sees it.
 
-    ``idempotency_key`` is what the inbox records: the same value on every delivery of one
-    message (the Kafka ``idempotency-key`` header, the webhook's ``webhook-id``).
+    ``idempotency_key`` and ``topic`` are what the inbox records: the same values on every
+    delivery of one message (the Kafka ``idempotency-key`` and ``outbox-topic`` headers, the
+    webhook's ``webhook-id`` and signed ``outbox-topic``). Keys are unique per topic, so two
+    messages of different topics may share a key. ``key`` is the record key on Kafka, and
+    ``None`` from a webhook, whose requests do not carry it.
     """
 
     idempotency_key: str

@@ -1,9 +1,10 @@
 """Webhook sink: one signed ``POST`` per message, per Standard Webhooks.
 
 Every attempt carries the same ``webhook-id`` (the message's idempotency key, or its id) and
-a fresh ``webhook-timestamp`` and ``webhook-signature``, plus the message's W3C
-``traceparent`` and ``tracestate`` when well formed (:func:`relay.tracing.trace_headers`);
-no other message header is sent, and the signature covers id, timestamp and body only.
+a fresh ``webhook-timestamp`` and ``webhook-signature``; the outbox topic (``outbox-topic``,
+signed with id, timestamp and body in ``outbox-topic-signature``: deduplication is per
+topic) and ``outbox-message-id``; and the message's W3C ``traceparent`` and ``tracestate``
+when well formed (:func:`relay.tracing.trace_headers`). No other message header is sent.
 Redirects are not followed. The route's lane (:mod:`relay.lanes`) decides how many requests
 run at once; this module only sends one request and says what its answer means
 (:func:`classify_response`).
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 import httpcore
 import httpx
 
-from outbox_lib._signature import sign
+from outbox_lib._signature import sign, topic_header
 
 from .. import __version__
 from ..config import Route
@@ -263,16 +264,21 @@ class WebhookSink:
             self._idle.append(transport)
 
     def headers(self, message: Outbound) -> dict[str, str]:
-        """This attempt's headers: same id every time, fresh timestamp and signature, and the
-        message's well-formed trace headers (which the signature does not cover)."""
+        """This attempt's headers: same id every time, fresh timestamp and signatures, the
+        topic, and the message's well-formed trace headers (which no signature covers)."""
         webhook_id = message.delivery_key
         timestamp = int(self._clock())
+        topic = topic_header(message.topic)
+        body = message.payload
         return {
             "content-type": message.content_type,
             "webhook-id": webhook_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self._keys, webhook_id, timestamp, message.payload),
+            "webhook-signature": sign(self._keys, webhook_id, timestamp, body),
             "idempotency-key": webhook_id,
+            "outbox-topic": topic,
+            "outbox-topic-signature": sign(self._keys, webhook_id, timestamp, body, topic=topic),
+            "outbox-message-id": str(message.id),
             "user-agent": USER_AGENT,
             **trace_headers(message.headers),
         }

@@ -344,6 +344,7 @@ RELAY_METRICS = {
     "outbox_relays_live": "gauge",
     "outbox_route_disabled": "gauge",
     "outbox_route_paused": "gauge",
+    "outbox_lane_failures_total": "counter",
 }
 
 # Grafana's variables as a test instantiates them: every topic, every route.

@@ -3,7 +3,9 @@
 :class:`WebhookServer` is a stdlib ``ThreadingHTTPServer`` on 127.0.0.1 (keep-alive, one
 daemon thread per connection). Every request is recorded as a :class:`RecordedRequest`
 with its Standard Webhooks signature checked, by the ``standardwebhooks`` package, against
-each configured secret separately. What it answers comes, in order of precedence, from
+each configured secret separately, and its ``outbox-topic-signature`` (the topic header,
+a line feed, then what ``webhook-signature`` signs) by this module's own HMAC. What it
+answers comes, in order of precedence, from
 
 1. ``server.responder`` -- a callable ``RecordedRequest -> Reply | int``, for full control;
 2. ``server.script(path, replies)`` -- queued replies consumed in order, per path
@@ -138,11 +140,16 @@ def new_secret(nbytes: int = 24) -> str:
     return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(nbytes)).decode()
 
 
-def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """One ``v1,<base64>`` signature entry: HMAC-SHA256 of ``{id}.{ts}.{body}``."""
+def sign(
+    secret: str, webhook_id: str, timestamp: int, body: bytes, topic: str | None = None
+) -> str:
+    """One ``v1,<base64>`` signature entry: HMAC-SHA256 of ``{id}.{ts}.{body}``, or with
+    ``topic`` (the ``outbox-topic`` header value) of ``{topic}\n{id}.{ts}.{body}``."""
     encoded = secret.removeprefix(SECRET_PREFIX)
     key = base64.b64decode(encoded + "=" * (-len(encoded) % 4))
     content = f"{webhook_id}.{timestamp}.".encode() + body
+    if topic is not None:
+        content = f"{topic}\n".encode() + content
     return "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
 
 
@@ -340,15 +347,16 @@ class WebhookServer:
     def _verify(self, body: bytes, headers: dict[str, str]) -> tuple[list[bool], list[str | None]]:
         verified: list[bool] = []
         errors: list[str | None] = []
-        for verifier in self._verifiers:
+        for secret, verifier in zip(self.secrets, self._verifiers, strict=True):
             try:
                 verifier.verify(body, headers, json_parse=False)
             except Exception as exc:  # the package raises several kinds on bad input
                 verified.append(False)
                 errors.append(f"{type(exc).__name__}: {exc}")
-            else:
-                verified.append(True)
-                errors.append(None)
+                continue
+            topic_error = _topic_signature_error(secret, body, headers)
+            verified.append(topic_error is None)
+            errors.append(topic_error)
         return verified, errors
 
     def _record(self, request: RecordedRequest) -> None:
@@ -380,6 +388,20 @@ class WebhookServer:
     def _error(self, text: str) -> None:
         with self._cond:
             self._errors.append(text)
+
+
+def _topic_signature_error(secret: str, body: bytes, headers: dict[str, str]) -> str | None:
+    """Why ``outbox-topic-signature`` does not sign ``outbox-topic`` with ``secret``, or None."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    topic = lowered.get("outbox-topic")
+    if not topic:
+        return "no outbox-topic header"
+    webhook_id, timestamp = lowered["webhook-id"], int(lowered["webhook-timestamp"])
+    expected = sign(secret, webhook_id, timestamp, body, topic)
+    offered = lowered.get("outbox-topic-signature", "").split()
+    if not any(hmac.compare_digest(expected, entry) for entry in offered):
+        return "no outbox-topic-signature matches"
+    return None
 
 
 def parse_signatures(header: str) -> tuple[tuple[str, str], ...]:

@@ -21,9 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import Session, sessionmaker
 
 import outbox_lib
+import outbox_lib.alembic
 from outbox_lib.inbox import Inbox, InboxMessage
 from tests.harness.examples import load_example
 from tests.harness.relay import scalar, sqlalchemy_url
+from tests.integration.pg_helpers import fetch
 
 pytestmark = pytest.mark.integration
 
@@ -184,12 +186,63 @@ def test_accept_async_on_session_and_connection(url: str, driver: str) -> None:
     assert asyncio.run(main()) == [True, False, False]
 
 
+def test_deduplication_is_per_topic_as_idempotency_keys_are(url: str, engine: Engine) -> None:
+    """Two topics published with one key are two messages: each takes effect once."""
+    inbox = Inbox("c")
+    with Session(engine) as session, session.begin():
+        assert inbox.accept(session, "order-7", topic="orders.created") is True
+        assert inbox.accept(session, "order-7", topic="orders.paid") is True
+        assert inbox.accept(session, "order-7", topic="orders.created") is False
+        assert inbox.accept(session, "order-7", topic="orders.paid") is False
+        # Without a topic (the form of schema version 6), a key is accepted once in all.
+        assert inbox.accept(session, "order-7") is False
+        assert inbox.accept(session, "order-8") is True
+        assert inbox.accept(session, "order-8", topic="orders.created") is False
+    assert sorted(
+        (str(key), str(topic))
+        for key, topic in fetch(url, "SELECT idempotency_key, topic FROM outbox.inbox")
+    ) == [("order-7", "orders.created"), ("order-7", "orders.paid"), ("order-8", "")]
+
+
+def test_the_handler_charges_each_topic_of_one_key_once(url: str, charges: Any) -> None:
+    messages = [
+        InboxMessage(idempotency_key="order-5", payload=b'{"order_id": 5, "total": "1"}', topic=t)
+        for t in ("orders.created", "orders.paid")
+    ]
+    assert [charges(m) for m in three_times_shuffled(messages)].count(True) == 2
+    assert charges_per_order(url) == {5: 2}
+
+
+def test_keys_accepted_before_version_7_still_hold_for_every_topic(database_url: str) -> None:
+    """An upgrade must not let a message processed before it take effect again."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        outbox_lib.migrate(conn, to_version=6)
+        assert conn.execute("SELECT outbox.inbox_accept('c', 'old')").fetchone() == (True,)
+        assert outbox_lib.migrate(conn) == [7]
+        accept = "SELECT outbox.inbox_accept('c', %s, %s)"
+        assert conn.execute(accept, ("old", "orders.created")).fetchone() == (False,)
+        assert conn.execute(accept, ("new", "orders.created")).fetchone() == (True,)
+        assert conn.execute(accept, ("new", "orders.paid")).fetchone() == (True,)
+    # Back down to 6: one row per (consumer, key) is kept, and it still holds the key.
+    engine = create_engine(sqlalchemy_url(database_url))
+    try:
+        with engine.begin() as sa_conn:
+            assert outbox_lib.alembic.downgrade(sa_conn, to_version=6, schema="outbox") == [7]
+    finally:
+        engine.dispose()
+    assert fetch(database_url, "SELECT outbox.inbox_accept('c', 'new')") == [(False,)]
+    assert fetch(database_url, "SELECT count(*) FROM outbox.inbox") == [(2,)]
+
+
 def test_bad_input_is_refused_before_the_database(url: str, engine: Engine) -> None:
     inbox = Inbox("c")
     with Session(engine) as session, session.begin():
         for bad in ("", "x" * 513, None, b"bytes", "a\x00b"):
             with pytest.raises(outbox_lib.InvalidMessageError, match="idempotency_key"):
                 inbox.accept(session, bad)  # type: ignore[arg-type]
+        for topic, reason in (("", "must not be empty"), ("t" * 256, "longer"), (7, "str")):
+            with pytest.raises(outbox_lib.InvalidMessageError, match=f"topic .*{reason}|{reason}"):
+                inbox.accept(session, "k", topic=topic)  # type: ignore[arg-type]
         assert inbox.accept(session, "still-usable") is True
         with pytest.raises(
             outbox_lib.UnsupportedSessionError, match=r"AsyncSession .*Inbox\.accept\(\)"
@@ -225,6 +278,12 @@ def test_sql_function_for_non_python_consumers(url: str) -> None:
         for consumer, key in ((None, "k"), ("", "k"), ("c", None), ("c", ""), ("c", "x" * 513)):
             with pytest.raises(psycopg.errors.InvalidParameterValue, match="inbox_accept"):
                 conn.execute(accept, (consumer, key))
+        per_topic = "SELECT outbox.inbox_accept(%s, %s, %s)"
+        assert conn.execute(per_topic, ("java-billing", "k2", "orders.paid")).fetchone() == (True,)
+        assert conn.execute(per_topic, ("java-billing", "k2", "orders.x")).fetchone() == (True,)
+        assert conn.execute(per_topic, ("java-billing", "k2", "orders.x")).fetchone() == (False,)
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="topic is longer"):
+            conn.execute(per_topic, ("java-billing", "k3", "t" * 256))
 
 
 def test_transient_error_classification() -> None:

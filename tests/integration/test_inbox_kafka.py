@@ -278,6 +278,37 @@ def test_end_to_end_relay_to_kafka_to_inbox_with_a_replay(
     assert_each_effect_once(url, ORDERS)
 
 
+def test_two_topics_published_with_one_idempotency_key_are_charged_once_each(
+    url: str, engine: Engine, kafka: KafkaEndpoint, topic: str, example: Any, tmp_path: Any
+) -> None:
+    """Idempotency keys are unique per topic. One route sends orders.created and orders.paid
+    to one Kafka topic with the same idempotency-key header; outbox-topic keeps them apart."""
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        f'[kafka]\nbootstrap_servers = "{kafka.bootstrap}"\n'
+        f'[[routes]]\nname = "orders"\ntopics = ["orders.*"]\nsink = "kafka"\n'
+        f'kafka_topic = "{topic}"\n'
+    )
+    with Session(engine) as session, session.begin():
+        for outbox_topic in ("orders.created", "orders.paid"):
+            outbox_lib.publish(
+                session,
+                outbox_topic,
+                {"order_id": 7, "total": "7.25"},
+                key="k7",
+                idempotency_key="order-7",
+            )
+    with RelayThread(settings_for(url, None, config=str(config))) as relay:
+        relay.wait_delivered(2)
+    group = kafka_config(kafka.bootstrap, f"billing-{uuid.uuid4().hex[:8]}")
+    stats = example.consume(engine, group, idle_timeout_s=2.0, partitions=partitions(topic))
+    assert (stats.processed, stats.skipped) == (2, 0)
+    assert charges_per_order(url) == {7: 2}
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT idempotency_key, topic FROM outbox.inbox ORDER BY 2").fetchall()
+    assert rows == [("order-7", "orders.created"), ("order-7", "orders.paid")]
+
+
 def test_revoked_partitions_get_their_offsets_committed_first(
     engine: Engine, kafka: KafkaEndpoint, topic: str, example: Any
 ) -> None:

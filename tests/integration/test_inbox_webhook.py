@@ -27,6 +27,7 @@ from tests.harness.examples import load_example
 from tests.harness.ports import free_port
 from tests.harness.relay import RelayThread, scalar, settings_for, sqlalchemy_url, wait_until
 from tests.harness.webhook import new_secret
+from tests.integration.pg_helpers import fetch
 from tests.integration.test_inbox import assert_each_effect_once
 from tests.integration.test_webhook_faults import hook_config, hook_route
 
@@ -73,11 +74,15 @@ def client() -> Iterator[httpx.Client]:
 def signed(
     secret: str, webhook_id: str, body: bytes, timestamp: int | None = None
 ) -> dict[str, str]:
+    """As the relay's webhook route signs a message of topic ``orders.created``."""
     stamp = int(time.time()) if timestamp is None else timestamp
+    keys = parse_secrets(secret)
     return {
         "webhook-id": webhook_id,
         "webhook-timestamp": str(stamp),
-        "webhook-signature": sign(parse_secrets(secret), webhook_id, stamp, body),
+        "webhook-signature": sign(keys, webhook_id, stamp, body),
+        "outbox-topic": "orders.created",
+        "outbox-topic-signature": sign(keys, webhook_id, stamp, body, topic="orders.created"),
         "content-type": "application/json",
     }
 
@@ -114,6 +119,8 @@ def test_forged_stale_and_unsigned_requests_are_refused(
         "stale": (body(1), signed(secret, "msg-1", body(1), int(time.time()) - 600)),
         "unsigned": (body(1), {k: v for k, v in good.items() if k != "webhook-signature"}),
         "other id": (body(1), {**good, "webhook-id": "msg-2"}),
+        "other topic": (body(1), {**good, "outbox-topic": "orders.paid"}),
+        "no topic": (body(1), {k: v for k, v in good.items() if not k.startswith("outbox-")}),
     }
     with Receiver(url, secret) as receiver:
         answers = {
@@ -124,6 +131,8 @@ def test_forged_stale_and_unsigned_requests_are_refused(
     assert "no signature matches" in answers["tampered body"].text
     assert "in the past" in answers["stale"].text
     assert "webhook-signature header is missing" in answers["unsigned"].text
+    assert "no outbox-topic-signature matches" in answers["other topic"].text
+    assert "outbox-topic header is missing" in answers["no topic"].text
     assert all(secret not in r.text for r in answers.values())
     assert scalar(url, "SELECT count(*) FROM shipments") == 0
     assert scalar(url, "SELECT count(*) FROM outbox.inbox") == 0
@@ -149,3 +158,20 @@ def test_relay_webhook_route_then_replay_ships_once(
     # The delivery log keeps both deliveries of every order: the first and the replay.
     assert scalar(url, "SELECT count(*) FROM outbox.delivery") == 2 * ORDERS
     assert scalar(url, "SELECT count(DISTINCT message_id) FROM outbox.delivery") == ORDERS
+
+
+def test_two_topics_published_with_one_idempotency_key_take_effect_twice(
+    url: str, engine: Engine, secret: str, tmp_path: Path
+) -> None:
+    """Idempotency keys are unique per topic: one route sends both messages to one endpoint
+    with the same webhook-id, and the topic the relay signs keeps them two effects."""
+    with Session(engine) as session, session.begin():
+        for topic in ("orders.created", "orders.paid"):
+            outbox_lib.publish(session, topic, {"order_id": 7}, idempotency_key="order-7")
+    with Receiver(url, secret) as receiver:
+        config = hook_config(tmp_path, hook_route("shipping", receiver.url, secret))
+        with RelayThread(settings_for(url, None, config=config)) as relay:
+            relay.wait_delivered(2)
+    assert scalar(url, "SELECT count(*) FROM shipments WHERE order_id = 7") == 2
+    rows = fetch(url, "SELECT idempotency_key, topic FROM outbox.inbox ORDER BY topic")
+    assert rows == [("order-7", "orders.created"), ("order-7", "orders.paid")]

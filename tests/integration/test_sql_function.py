@@ -233,15 +233,60 @@ SAME_RULES = [
     pytest.param({"headers": {"": "v"}}, "header names must be non-empty", id="empty-header"),
     *(
         pytest.param({"headers": {name: "x"}}, f"header '{name}' is reserved", id=name)
-        for name in ["idempotency-key", "Outbox-Message-Id", "OUTBOX-TOPIC"]
+        for name in [
+            "idempotency-key",
+            "Outbox-Message-Id",
+            "OUTBOX-TOPIC",
+            "outbox-topic-signature",
+            "Outbox-Anything-Later",
+        ]
     ),
     pytest.param(
         {"idempotency_key": "k" * 513},
         "idempotency_key is longer than 512 characters",
         id="long-key",
     ),
-    pytest.param({"idempotency_key": "order\n7"}, "contains a control character", id="key-newline"),
+    *(
+        pytest.param(
+            {"idempotency_key": key},
+            "must be printable ASCII with no space at either end; it travels as an HTTP header",
+            id=name,
+        )
+        for name, key in [
+            ("key-newline", "order\n7"),
+            ("key-del", "order\x7f7"),
+            ("key-non-ascii", "bestellung-ü-1"),
+            ("key-nbsp", "order\xa07"),
+            ("key-leading-space", " order-7"),
+            ("key-trailing-space", "order-7 "),
+            ("key-space-only", " "),
+        ]
+    ),
 ]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"headers": {"idempotency-\u212aey": "x"}},  # KELVIN SIGN: not ASCII, not the header
+        {"headers": {"x-outbox-topic": "x", "outbox": "x"}},
+        {"idempotency_key": "order 7 / payment ~#!"},
+        {"idempotency_key": "k" * 512},
+    ],
+)
+def test_sql_and_python_accept_the_same_near_misses(
+    url: str, conn: psycopg.Connection[Any], arguments: dict[str, Any]
+) -> None:
+    call = {"headers": None, "idempotency_key": None, **arguments}
+    with sync_engine(url) as engine, Session(engine) as session, session.begin():
+        outbox_lib.publish(session, "orders.created", {}, **call)
+    conn.execute(
+        "SELECT outbox.publish('orders.other', '{}'::jsonb, headers => %s::jsonb, "
+        "idempotency_key => %s)",
+        (json.dumps(call["headers"]) if call["headers"] else None, call["idempotency_key"]),
+    )
+    conn.commit()
+    assert count(url) == 2
 
 
 @pytest.mark.parametrize(("arguments", "refusal"), SAME_RULES)

@@ -38,10 +38,13 @@ pytestmark = pytest.mark.integration
 BODY = b'{"n": 1}'
 
 
-def _own_signature(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """Standard Webhooks v1, written out: HMAC-SHA256 over ``{id}.{ts}.{body}``."""
+def _own_signature(
+    secret: str, webhook_id: str, timestamp: int, body: bytes, prefix: bytes = b""
+) -> str:
+    """Standard Webhooks v1, written out: HMAC-SHA256 over ``{id}.{ts}.{body}``; with
+    ``prefix`` (``{outbox-topic}\n``), the relay's outbox-topic-signature."""
     key = base64.b64decode(secret.removeprefix("whsec_"))
-    mac = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    mac = hmac.new(key, prefix + f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256)
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
@@ -53,6 +56,10 @@ def _headers(
         "webhook-id": webhook_id,
         "webhook-timestamp": str(ts),
         "webhook-signature": " ".join(_own_signature(s, webhook_id, ts, body) for s in secrets),
+        "outbox-topic": "orders.created",
+        "outbox-topic-signature": " ".join(
+            _own_signature(s, webhook_id, ts, body, b"orders.created\n") for s in secrets
+        ),
         "content-type": "application/json",
     }
 
@@ -118,6 +125,19 @@ def test_each_secret_is_verified_separately(client: httpx.Client) -> None:
     assert both.verified == (True, True) and len(both.signatures) == 2
     assert new_only.verified == (False, True) and len(new_only.signatures) == 1
     assert server.secrets == (old, new)
+
+
+def test_the_topic_signature_is_verified_too(secret: str, client: httpx.Client) -> None:
+    good = _headers([secret])
+    with WebhookServer(secret) as server:
+        client.post(server.url(), content=BODY, headers={**good, "outbox-topic": "orders.paid"})
+        client.post(server.url(), content=BODY, headers={**good, "outbox-topic": ""})
+    other_topic, no_topic = server.requests
+    assert (other_topic.verified, other_topic.verify_errors) == (
+        (False,),
+        ("no outbox-topic-signature matches",),
+    )
+    assert (no_topic.verified, no_topic.verify_errors) == ((False,), ("no outbox-topic header",))
 
 
 def test_unsigned_requests_and_secretless_servers(secret: str, client: httpx.Client) -> None:

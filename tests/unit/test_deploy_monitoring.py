@@ -36,6 +36,7 @@ EXPECTED_ALERTS = {
     "OutboxBucketsUnowned",
     "OutboxRelayNotReady",
     "OutboxRouteDisabled",
+    "OutboxLaneFailing",
 }
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 

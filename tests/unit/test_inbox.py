@@ -12,7 +12,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 import outbox_lib
-from outbox_lib._signature import parse_secrets, sign
+from outbox_lib._signature import parse_secrets, sign, topic_header
 from outbox_lib.inbox import InboxMessage, WebhookReceiver, WebhookVerificationError
 
 NOW = 1_800_000_000
@@ -25,21 +25,53 @@ def receiver(secret: str = SECRET, **kwargs: Any) -> WebhookReceiver:
 
 
 def headers(
-    body: bytes, webhook_id: str = "msg_1", stamp: int = NOW, secret: str = SECRET
+    body: bytes,
+    webhook_id: str = "msg_1",
+    stamp: int = NOW,
+    secret: str = SECRET,
+    topic: str | None = "orders.created",
 ) -> dict[str, str]:
-    return {
+    """What the relay's webhook sink sends (``topic=None``: a sender without outbox-topic)."""
+    keys = parse_secrets(secret)
+    sent = {
         "webhook-id": webhook_id,
         "webhook-timestamp": str(stamp),
-        "webhook-signature": sign(parse_secrets(secret), webhook_id, stamp, body),
+        "webhook-signature": sign(keys, webhook_id, stamp, body),
     }
+    if topic is not None:
+        value = topic_header(topic)
+        sent["outbox-topic"] = value
+        sent["outbox-topic-signature"] = sign(keys, webhook_id, stamp, body, topic=value)
+    return sent
 
 
 def test_a_valid_request_becomes_an_inbox_message() -> None:
     body = b'{"order_id": 7}'
     message = receiver().verify({k.upper(): v for k, v in headers(body).items()}, body)
     assert message.idempotency_key == "msg_1"
+    assert message.topic == "orders.created"
     assert message.json() == {"order_id": 7}
     assert message.headers["webhook-id"] == b"msg_1"
+
+
+@pytest.mark.parametrize("topic", ["orders.created", "bestellungen.größe", "50%.off", "a/b:c"])
+def test_the_topic_arrives_as_published_whatever_its_characters(topic: str) -> None:
+    body = b"{}"
+    sent = headers(body, topic=topic)
+    assert sent["outbox-topic"].isascii()
+    assert (sent["outbox-topic"] == topic) == (topic.isascii() and "%" not in topic)
+    assert receiver().verify(sent, body).topic == topic
+
+
+def test_a_request_without_a_topic_is_refused_unless_allowed() -> None:
+    """Stripping the topic from a captured request must not turn it into a new message."""
+    body = b"{}"
+    with pytest.raises(WebhookVerificationError, match="the outbox-topic header is missing"):
+        receiver().verify(headers(body, topic=None), body)
+    relaxed = receiver(require_topic=False)
+    assert relaxed.verify(headers(body, topic=None), body).topic is None
+    assert relaxed.verify(headers(body), body).topic == "orders.created"  # still checked
+    assert "require_topic=False" in repr(relaxed)
 
 
 def test_the_reference_implementation_signature_is_accepted() -> None:
@@ -48,7 +80,7 @@ def test_the_reference_implementation_signature_is_accepted() -> None:
     stamp = dt.datetime.fromtimestamp(NOW, tz=dt.UTC)
     signature = Webhook(SECRET).sign("msg_ref", stamp, body)
     sent = {"webhook-id": "msg_ref", "webhook-timestamp": str(NOW), "webhook-signature": signature}
-    assert receiver().verify(sent, body.encode()).idempotency_key == "msg_ref"
+    assert receiver(require_topic=False).verify(sent, body.encode()).idempotency_key == "msg_ref"
 
 
 def test_binary_bodies_and_either_of_two_rotating_secrets() -> None:
@@ -56,6 +88,13 @@ def test_binary_bodies_and_either_of_two_rotating_secrets() -> None:
     rotating = receiver(f"{OTHER} {SECRET}")
     assert rotating.verify(headers(body), body).payload == body
     assert rotating.verify(headers(body, secret=OTHER), body).payload == body
+
+
+def signed_topic(sent: dict[str, str], body: bytes, value: str) -> dict[str, str]:
+    """``sent`` with an ``outbox-topic`` value the relay never sends, correctly signed."""
+    stamp = int(sent["webhook-timestamp"])
+    signature = sign(parse_secrets(SECRET), sent["webhook-id"], stamp, body, topic=value)
+    return {**sent, "outbox-topic": value, "outbox-topic-signature": signature}
 
 
 @pytest.mark.parametrize(
@@ -70,6 +109,20 @@ def test_binary_bodies_and_either_of_two_rotating_secrets() -> None:
         (lambda h, b: ({**h, "webhook-timestamp": "yesterday"}, b), "unix seconds"),
         (lambda h, b: ({k: v for k, v in h.items() if k != "webhook-id"}, b), "webhook-id header"),
         (lambda h, b: ({**h, "webhook-signature": " "}, b), "webhook-signature header"),
+        (lambda h, b: ({**h, "outbox-topic": "orders.paid"}, b), "no outbox-topic-signature"),
+        (
+            lambda h, b: (
+                {**h, "outbox-topic-signature": headers(b, topic="x")["outbox-topic-signature"]},
+                b,
+            ),
+            "no outbox-topic-signature matches",
+        ),
+        (
+            lambda h, b: ({k: v for k, v in h.items() if k != "outbox-topic-signature"}, b),
+            "outbox-topic-signature header is missing",
+        ),
+        (lambda h, b: (signed_topic(h, b, "orders%2Ecreated"), b), "not a percent-encoded topic"),
+        (lambda h, b: (signed_topic(h, b, "%C3"), b), "not a percent-encoded topic"),
     ],
 )
 def test_bad_requests_name_the_failed_check(change: Any, reason: str) -> None:

@@ -19,6 +19,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from outbox_lib._signature import SecretError, parse_secrets, sign
+from outbox_lib.inbox import WebhookReceiver, WebhookVerificationError
 from relay.backoff import Backoff
 from relay.config import Route
 from relay.plan import Dead, Pending, verdict
@@ -111,6 +112,28 @@ def test_request_carries_the_contract_headers_and_a_verifiable_signature() -> No
     assert h["webhook-id"] == h["idempotency-key"] == "order-7-created"
     headers = {k: v for k, v in h.items()}
     assert Webhook(SECRET).verify(request.content, headers) == {"order_id": 7}
+    assert h["outbox-message-id"] == "00000000-0000-4000-8000-000000000007"
+    received = WebhookReceiver(SECRET).verify(headers, request.content)
+    assert (received.idempotency_key, received.topic) == ("order-7-created", "orders.created")
+
+
+@pytest.mark.parametrize(
+    ("topic", "sent"),
+    [
+        ("orders.created", "orders.created"),
+        ("bestellungen.größe", "bestellungen.gr%C3%B6%C3%9Fe"),
+        ("50%.off", "50%25.off"),
+    ],
+)
+def test_the_topic_travels_signed_and_percent_encoded_where_needed(topic: str, sent: str) -> None:
+    sink, seen = sink_answering(lambda _: httpx.Response(204))
+    deliver(sink, message(topic=topic, idempotency_key="order-7"))
+    headers = dict(seen[0].headers.items())
+    assert headers["outbox-topic"] == sent
+    assert WebhookReceiver(SECRET).verify(headers, seen[0].content).topic == topic
+    forged = {**headers, "outbox-topic": "orders.paid"}
+    with pytest.raises(WebhookVerificationError, match="outbox-topic-signature"):
+        WebhookReceiver(SECRET).verify(forged, seen[0].content)
 
 
 def test_webhook_id_is_the_message_id_without_an_idempotency_key() -> None:
