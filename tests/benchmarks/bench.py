@@ -18,15 +18,20 @@ own schema (``bench_*``), dropped when it ends.
 
 Scenarios, in one run, on the same database and broker, each sending the same records
 (``--messages`` of ``--payload-bytes`` JSON over ``--keys`` keys, the relay's headers, a
-fresh ``--partitions``-partition topic each):
+fresh ``--partitions``-partition topic each). Nothing prepares a table before it is
+measured: no VACUUM, no ANALYZE; each meets what the commits (and autovacuum, as configured)
+leave:
 
 raw         one process producing the records with the relay's librdkafka settings, every
             delivery report read: the ceiling for any relay written in Python.
-relay       ``relay.app.run_relay`` in-process draining the backlog (bulk-loaded with one
-            INSERT ... SELECT), once per ``--batch-sizes`` entry; timed from the call until
-            ``engine.stats.delivered`` reaches the backlog; checked in SQL (delivery rows,
-            nothing left in message) and on the topic (records, duplicates); reports the
-            WAL written per message and the time spent inside each store/sink call.
+relay       ``relay.app.run_relay`` in-process, idle on an empty outbox, while a bulk job
+            commits a backlog (10,000 messages per transaction): once per ``--drain-sizes``
+            entry, and once per ``--pinned-sizes`` entry with another session holding a
+            snapshot open throughout (a long transaction: nothing deleted can be vacuumed).
+            Timed from the first commit until ``engine.stats.delivered`` reaches the backlog;
+            checked in SQL (delivery rows, nothing left in message) and on the topic
+            (records, duplicates); reports the WAL written per message (commits included)
+            and the time spent inside each store/sink call.
 relays      ``--relay-counts`` (1,2,3) ``python -m relay.cli run`` processes draining the same
             backlog together (batch: the first ``--batch-sizes`` entry). Timed from the
             moment all N have started and receive their even share of the 256 key buckets
@@ -46,8 +51,10 @@ faststream  faststream-outbox (``pip install faststream-outbox asyncpg``) relayi
             "unavailable" with the reason if it cannot run.
 latency     the relay (own process, poll_interval 1 s: the NOTIFY path) while ``--publishers``
             threads publish through outbox_lib, one message per transaction, at
-            ``--latency-rate`` msg/s for ``--latency-seconds``; p50/p95/p99/max of consumer
-            arrival minus commit.
+            ``--latency-rate`` msg/s for ``--latency-seconds``, right after the same relay
+            drained a ``--latency-after`` backlog (its dead rows still there); once as is and
+            once with a snapshot held open from before that drain; p50/p95/p99/max of
+            consumer arrival minus commit.
 webhooks    the webhook benchmark (``webhooks.py``, also runnable on its own): the relay
             draining ``--webhook-messages`` to a fast local endpoint at each
             ``--webhook-concurrency``, against httpx alone and a naive webhook relay, and a
@@ -93,7 +100,7 @@ from .latency import Pace, steady_latency
 from .machine import CpuWatch, Load
 from .relays import lease_cost, processes, relays_drain
 from .results import Latency, LeaseCost, Throughput, failed, median_of_runs
-from .throughput import naive_relay, raw_produce, relay_drain
+from .throughput import Drain, naive_relay, raw_produce, relay_drain
 
 SCENARIOS = ("raw", "relay", "relays", "naive", "faststream", "latency", "webhooks")
 Result = Throughput | Latency | LeaseCost
@@ -117,9 +124,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--database-url", help="PostgreSQL to use instead of an embedded one")
     add("--kafka", help="bootstrap servers to use instead of an embedded Tansu broker")
     add("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {SCENARIOS}")
-    add("--batch-sizes", default="1000,5000", help="relay batch sizes to drain with")
+    add("--batch-sizes", default="1000", help="relay batch size (relay, relays, latency)")
+    add("--drain-sizes", default="100000,200000,1000000",
+        help="backlogs the relay drains while they commit (relay)")  # fmt: skip
+    add("--pinned-sizes", default="200000",
+        help="the same, with another session holding a snapshot open throughout")  # fmt: skip
     add("--relay-counts", default="1,2,3", help="relay processes sharing one database (relays)")
-    add("--repeat", type=int, default=3,
+    add("--repeat", type=int, default=1,
         help="runs of raw, relay and relays, interleaved; median kept")  # fmt: skip
     add("--drain-timeout", type=float, default=600.0, help="give up on a relay drain after")
     add("--naive-seconds", type=float, default=20.0, help="cap on the naive relay")
@@ -128,6 +139,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--latency-rate", type=float, default=500.0, help="steady publish rate, msg/s")
     add("--latency-seconds", type=float, default=20.0, help="measured publishing time")
     add("--latency-warmup", type=float, default=2.0, help="publishing time not measured")
+    add("--latency-after", type=int, default=200_000,
+        help="backlog drained right before the latency is measured (0: none)")  # fmt: skip
     add("--publishers", type=int, default=1, help="publisher threads sharing the rate")
     add("--webhook-messages", type=int, default=5000, help="backlog of the webhooks scenario")
     add("--webhook-concurrency", default="64,16", help="route concurrency values (webhooks)")
@@ -147,6 +160,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--payload-bytes must be at least 128 (the JSON order itself)")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.relay_counts = [int(n) for n in args.relay_counts.split(",") if n.strip()]
+    args.drain_sizes = [int(n) for n in args.drain_sizes.split(",") if n.strip()]
+    args.pinned_sizes = [int(n) for n in args.pinned_sizes.split(",") if n.strip()]
+    if any(n < 1 for n in [*args.drain_sizes, *args.pinned_sizes]):
+        parser.error("--drain-sizes and --pinned-sizes must be positive numbers of messages")
     if any(n < 1 for n in args.relay_counts):
         parser.error("--relay-counts must be positive numbers of relays")
     hooks = [c.strip() for c in args.webhook_concurrency.split(",") if c.strip()]
@@ -221,8 +238,11 @@ class Run:
                           lambda: faststream_outbox(t, a.faststream_seconds, config)))  # fmt: skip
         if "latency" in a.only:
             pace = Pace(a.latency_rate, a.latency_seconds, a.latency_warmup, a.publishers)
-            steps.append((f"latency at {a.latency_rate:.0f} msg/s",
-                          lambda: steady_latency(t, pace, a.batch_sizes[0])))  # fmt: skip
+            size, after = a.batch_sizes[0], a.latency_after
+            for pinned in (False, True):
+                label = f"latency at {a.latency_rate:.0f} msg/s after a {after:,} drain"
+                steps.append((label + (", xmin pinned" if pinned else ""),
+                              _bind(steady_latency, t, pace, size, after, pinned)))  # fmt: skip
         return steps
 
     def _repeated(self, of: str) -> list[tuple[str, Callable[[], Result]]]:
@@ -232,14 +252,15 @@ class Run:
         if "raw" in a.only:
             steps.append((f"raw produce{of}", lambda: raw_produce(t)))
         if "relay" in a.only:
-            for size in a.batch_sizes:
-                drain = _bind(relay_drain, t, size, a.drain_timeout)
-                steps.append((f"outbox-relay drain, batch {size}{of}", drain))
+            drains = [Drain(n, a.batch_sizes[0]) for n in a.drain_sizes]
+            drains += [Drain(n, a.batch_sizes[0], pinned=True) for n in a.pinned_sizes]
+            for drain in drains:
+                steps.append((f"{drain.name}{of}", _bind(relay_drain, t, drain, a.drain_timeout)))
         if "relays" in a.only:
             size = a.batch_sizes[0]
             for count in a.relay_counts:
-                drain = _bind(relays_drain, t, count, size, a.drain_timeout)
-                steps.append((f"{processes(count)}, batch {size}{of}", drain))
+                several = _bind(relays_drain, t, count, size, a.drain_timeout)
+                steps.append((f"{processes(count)}, batch {size}{of}", several))
         return steps
 
     def _wait_for_quiet(self) -> None:
@@ -345,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output (make, CI logs) gets room for the tables instead of rich's 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 170)
     began = time.perf_counter()
-    workload = w.Workload(args.messages, args.keys, args.payload_bytes, args.partitions)
+    generated = max([*args.drain_sizes, *args.pinned_sizes, args.latency_after])
+    workload = w.Workload(
+        args.messages, args.keys, args.payload_bytes, args.partitions, generated=generated
+    )
     with services(args.database_url, args.kafka) as found:
         url = found.database_url
         env = environment(url, found.kind, found.bootstrap)
@@ -354,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         run = Run(args, target, console, CpuWatch(found.pids))
         if set(args.only) - {"webhooks"}:
             load_s = w.prepare_source(url, workload)
-            console.print(f"backlog of {workload.messages:,} generated in {load_s:.1f} s")
+            console.print(f"backlog of {workload.source_rows:,} generated in {load_s:.1f} s")
             try:
                 run.all()
             finally:

@@ -6,11 +6,18 @@ transaction through ``outbox_lib`` (``Outbox(schema=...).publish``, which is wha
 ``outbox_lib.publish`` calls for the default schema) and note ``time.time()`` right after
 each commit; a consumer assigned to every partition (no group join) notes arrival times.
 Message numbers travel in the payload.
+
+As a relay meets it after an outage: before the steady publishing starts, a backlog of
+``after_drain`` messages (another topic) is committed and drained by the same relay, so the
+table holds what a drain leaves behind (dead rows, stale statistics), untouched by VACUUM or
+ANALYZE. With ``pinned``, a session holds a snapshot open from before that backlog to the end,
+so nothing the drain deleted can be cleaned up while the latency is measured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import threading
@@ -35,6 +42,7 @@ SCHEMA = "bench_latency"
 PROBE = -1
 READY_TIMEOUT_S = 30.0
 STRAGGLER_WAIT_S = 10.0
+DRAIN_FIRST_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,42 +55,78 @@ class Pace:
     threads: int
 
 
-def steady_latency(target: w.Target, pace: Pace, batch_size: int) -> Latency:
+def steady_latency(
+    target: w.Target, pace: Pace, batch_size: int, after_drain: int = 0, pinned: bool = False
+) -> Latency:
+    url = target.database_url
     topic = w.new_topic(target.bootstrap, "latency", target.workload.partitions)
-    w.fresh_schema(target.database_url, SCHEMA)
-    with w.connect(target.database_url) as conn:
+    w.fresh_schema(url, SCHEMA)
+    with w.connect(url) as conn:
         outbox_lib.migrate(conn, SCHEMA)
     relay = _start_relay(target, batch_size)
     arrivals = Arrivals(target.bootstrap, topic)
     arrivals.start()
     try:
-        publishers = Publishers(target, topic, pace)
-        publishers.probe(arrivals)
-        commits = publishers.run()
-        arrivals.wait_for(commits.keys(), STRAGGLER_WAIT_S)
+        with w.pinned_snapshot(url, SCHEMA) if pinned else contextlib.nullcontext():
+            publishers = Publishers(target, topic, pace)
+            publishers.probe(arrivals)
+            drained_s = _drain_first(target, after_drain)
+            commits = publishers.run()
+            arrivals.wait_for(commits.keys(), STRAGGLER_WAIT_S)
     finally:
         _stop_relay(relay)
         arrivals.stop()
-        w.drop_schema(target.database_url, SCHEMA)
-    return _result(pace, publishers, commits, arrivals)
+        w.drop_schema(url, SCHEMA)
+    return _result(pace, publishers, commits, arrivals, after_drain, drained_s, pinned)
+
+
+def _drain_first(target: w.Target, size: int) -> float:
+    """Commit ``size`` backlog messages (another topic) and wait until the relay has drained
+    them (``message`` empty); returns the seconds that took."""
+    if not size:
+        return 0.0
+    url = target.database_url
+    topic = w.new_topic(target.bootstrap, "latency-drain", target.workload.partitions)
+    started = time.perf_counter()
+    w.commit_backlog(url, SCHEMA, topic, size, chunk=10_000)
+    probe = w.query("first_message", schema=SCHEMA)
+    with w.connect(url) as conn:
+        while conn.execute(probe).fetchone() is not None:
+            if time.perf_counter() - started > DRAIN_FIRST_TIMEOUT_S:
+                raise RuntimeError(f"the relay did not drain {size:,} messages in time")
+            time.sleep(0.05)
+    return time.perf_counter() - started
 
 
 def _result(
-    pace: Pace, publishers: Publishers, commits: dict[int, float], got: Arrivals
+    pace: Pace,
+    publishers: Publishers,
+    commits: dict[int, float],
+    got: Arrivals,
+    after_drain: int,
+    drained_s: float,
+    pinned: bool,
 ) -> Latency:
     measured = [n for n in commits if n >= publishers.first_measured]
     samples = [1000 * (got.times[n] - commits[n]) for n in measured if n in got.times]
     missing = len(measured) - len(samples)
     note = (f"{pace.threads} publisher threads, 1 message per transaction; relay in its own "
             f"process, poll_interval 1 s; {pace.warmup:.0f} s warm-up excluded")  # fmt: skip
+    if after_drain:
+        note += f"; right after draining {after_drain:,} ({drained_s:.0f} s)"
+    if pinned:
+        note += "; a snapshot held open throughout"
     if missing:
         note += f"; {missing} never arrived within {STRAGGLER_WAIT_S:.0f} s"
+    where = f", after a {after_drain:,} drain" if after_drain else ""
+    where += ", xmin pinned" if pinned else ""
     return Latency(
-        f"outbox-relay at {pace.rate:.0f} msg/s steady", pace.rate, publishers.achieved_rate,
+        f"outbox-relay at {pace.rate:.0f} msg/s{where}", pace.rate, publishers.achieved_rate,
         published=len(measured), received=len(samples), samples_ms=samples,
         status="ok" if not missing else "partial", note=note,
         details={"duplicates": got.duplicates,
-                 "commit_ms_p50": publishers.commit_ms_p50()},
+                 "commit_ms_p50": publishers.commit_ms_p50(), "after_drain": after_drain,
+                 "drain_first_s": drained_s, "pinned": pinned},
     )  # fmt: skip
 
 

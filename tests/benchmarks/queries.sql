@@ -27,22 +27,29 @@ SELECT o.n,
           FROM generate_series(1, %(messages)s) AS i) AS o
 
 -- name: backlog_records
-SELECT id, msg_key, payload, headers FROM {source}.backlog ORDER BY n
+SELECT id, msg_key, payload, headers FROM {source}.backlog WHERE n <= %(limit)s ORDER BY n
 
 -- name: backlog_sizes
 SELECT count(*), avg(octet_length(payload)), count(DISTINCT msg_key) FROM {source}.backlog
+ WHERE n <= %(limit)s
 
 -- name: load_outbox
 -- What outbox_lib.publish would have written, in one statement (enqueue() row by row costs
--- ~100x more and is not what is measured here).
+-- ~100x more and is not what is measured here): backlog rows after..upto, one transaction.
+-- Nothing prepares the table afterwards (no VACUUM, no ANALYZE): a drain meets it as an
+-- application's commits leave it.
 INSERT INTO {schema}.message (id, topic, msg_key, payload, content_type, headers, bucket)
 SELECT b.id, %(topic)s, b.msg_key, b.payload, 'application/json', b.headers,
        {schema}.key_bucket(b.msg_key)
   FROM {source}.backlog AS b
+ WHERE b.n > %(after)s AND b.n <= %(upto)s
  ORDER BY b.n
 
--- name: vacuum_analyze
-VACUUM (ANALYZE) {schema}.{table}
+-- name: pin_snapshot
+-- A session that keeps a snapshot open (what a long report or a forgotten transaction does):
+-- run in a REPEATABLE READ transaction left open, it holds back the cluster's xmin, so
+-- nothing deleted after it began can be vacuumed away.
+SELECT count(*) FROM {schema}.message
 
 -- name: checkpoint
 CHECKPOINT
@@ -81,6 +88,7 @@ SELECT %(queue)s, b.payload,
                                        'correlation_id', b.id::text,
                                        'kafka-key', convert_from(b.msg_key, 'UTF8'))
   FROM {source}.backlog AS b
+ WHERE b.n <= %(limit)s
  ORDER BY b.n
 
 -- name: server_facts

@@ -1,8 +1,8 @@
 """Several relay processes sharing one database, and what the bucket leases cost one relay.
 
-**Drain with N relays.** The backlog is bulk-loaded exactly as for the ``relay`` scenario
-(``workload.load_outbox``: one INSERT ... SELECT, VACUUM ANALYZE, then a CHECKPOINT), so
-the table the relays drain is in the same state. N ``python -m relay.cli run`` processes
+**Drain with N relays.** The backlog is bulk-loaded (``workload.load_outbox``: one
+INSERT ... SELECT committed, then a CHECKPOINT; no VACUUM, no ANALYZE: the table is as the
+application's commit left it). N ``python -m relay.cli run`` processes
 (configured through ``OUTBOX_*`` variables, as deployed) are then started against it while a
 *gate* holds every bucket: the benchmark itself joins the lease table first, through
 ``relay.membership.Membership``, as a relay that never claims and never hands over, with an
@@ -14,12 +14,11 @@ The clock starts just before that transaction and stops when ``message`` is empt
 probe every 10 ms: every delete is committed with its delivery rows).
 
 Why a gate rather than starting the relays on an empty table and loading the backlog
-afterwards: the load would then be timed against relays already draining it, without the
-VACUUM ANALYZE (statistics, hint bits, visibility map) the ``relay`` scenario's table gets.
-Why a gate rather than starting the clock with the relays: a process start (imports,
-connecting, joining) is not drain throughput, and a relay joining late would first drain
-everything alone and then hand buckets over. With the gate every relay starts claiming at
-the same instant with its final buckets, on the same table state.
+afterwards (as the ``relay`` drains do): the relays join one after another, and the first
+would drain alone until the others hold buckets. Why a gate rather than starting the clock
+with the relays: a process start (imports, connecting, joining) is not drain throughput.
+With the gate every relay starts claiming at the same instant with its final buckets, on the
+same table state.
 
 The poll interval stays at the relay's default (1 s, as in the ``relay`` scenario): the
 gate's NOTIFY wakes every relay at once, and a relay that runs out of its own buckets early
@@ -359,7 +358,8 @@ async def time_heartbeats(url: str, schema: str) -> tuple[list[float], float]:
 def lease_cost(target: w.Target, batch_size: int) -> LeaseCost:
     """Claim with and without the bucket filter, and the heartbeat, on the whole backlog."""
     schema = "bench_leases"
-    w.load_outbox(target.database_url, schema, "bench.leases")  # never sent: no topic needed
+    # Never sent: no topic needed.
+    w.load_outbox(target.database_url, schema, "bench.leases", upto=target.workload.messages)
     try:
         heartbeats, wal = asyncio.run(time_heartbeats(target.database_url, schema))
         claims, plans = time_claims(to_libpq(target.database_url), schema, batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import KafkaError, Producer
 
+import outbox_lib
 from relay.app import run_relay
 from relay.config import KAFKA_PRODUCER_DEFAULTS, load_settings
 from relay.engine import Engine
@@ -66,7 +68,7 @@ def raw_produce(target: w.Target) -> Throughput:
     per process: noise in a drain, a visible share of a one-second run).
     """
     topic = w.new_topic(target.bootstrap, "raw", target.workload.partitions)
-    records = w.read_records(target.database_url, topic)
+    records = w.read_records(target.database_url, topic, target.workload.messages)
     producer = Producer(producer_config(target.bootstrap))
     producer.list_topics(topic, timeout=10.0)
     reports = Reports()
@@ -147,24 +149,6 @@ class Phases:
         }  # fmt: skip
 
 
-async def _drain(settings: Any, expected: int, timeout: float) -> tuple[float, int, Phases]:
-    """Run the relay until it has delivered ``expected`` messages; (seconds, delivered, phases)."""
-    stop = asyncio.Event()
-    phases = Phases()
-    engines: list[Engine] = []
-
-    def on_start(engine: Engine) -> None:
-        phases.instrument(engine)
-        engines.append(engine)
-
-    started = time.perf_counter()
-    relay = asyncio.create_task(run_relay(settings, stop, on_start))
-    finished = await _wait_delivered(engines, expected, relay, started + timeout)
-    stop.set()
-    stats = await relay
-    return finished - started, stats.delivered, phases
-
-
 async def _wait_delivered(
     engines: list[Engine], expected: int, relay: asyncio.Task[Any], deadline: float
 ) -> float:
@@ -192,7 +176,7 @@ def loaded_backlog(target: w.Target, schema: str, label: str) -> Iterator[Backlo
     """Load the backlog into ``schema`` (checkpointed, so the WAL count is the drain's own);
     on a clean exit fill ``checks`` from SQL and the topic; drop the schema in any case."""
     topic = w.new_topic(target.bootstrap, label, target.workload.partitions)
-    load_s = w.load_outbox(target.database_url, schema, topic)
+    load_s = w.load_outbox(target.database_url, schema, topic, upto=target.workload.messages)
     w.checkpoint(target.database_url)
     backlog = Backlog(schema, topic, load_s, w.wal_lsn(target.database_url), {})
     try:
@@ -203,24 +187,96 @@ def loaded_backlog(target: w.Target, schema: str, label: str) -> Iterator[Backlo
     backlog.checks |= topic_checks(target.bootstrap, topic) | {"backlog_load_s": load_s}
 
 
-def relay_drain(target: w.Target, batch_size: int, timeout: float) -> Throughput:
-    """outbox-relay in-process (``run_relay``) draining the whole backlog."""
-    name = f"outbox-relay, batch {batch_size}"
-    schema = f"bench_relay_{batch_size}"
-    expected = target.workload.messages
+# The bulk job of the live drains commits this many messages per transaction.
+LOAD_CHUNK = 10_000
+# The relay idles on its empty outbox this long before the backlog starts committing.
+IDLE_BEFORE_LOAD_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """A live drain: ``size`` messages committed while the relay runs, optionally while
+    another session holds a snapshot open the whole time (``pinned``)."""
+
+    size: int
+    batch_size: int
+    pinned: bool = False
+
+    @property
+    def name(self) -> str:
+        pinned = ", xmin pinned" if self.pinned else ""
+        return f"outbox-relay, {self.size:,} committed while it runs{pinned}"
+
+    @property
+    def schema(self) -> str:
+        return f"bench_drain_{self.size}" + ("_pinned" if self.pinned else "")
+
+
+def relay_drain(target: w.Target, drain: Drain, timeout: float) -> Throughput:
+    """outbox-relay in-process (``run_relay``) on an empty outbox; once it idles, a bulk job
+    commits the backlog (``LOAD_CHUNK`` per transaction). Timed from the first commit until
+    every message is delivered: what a backlog after an outage or a bulk import meets. No
+    VACUUM or ANALYZE anywhere: the table is in whatever state the commits and the drain
+    leave it (autovacuum runs as configured)."""
+    url = target.database_url
     settings = load_settings(
-        {"database_url": target.database_url, "schema": schema, "batch_size": batch_size,
+        {"database_url": url, "schema": drain.schema, "batch_size": drain.batch_size,
          "kafka_bootstrap_servers": target.bootstrap, "poll_interval": 1.0},
         env={},
     )  # fmt: skip
-    with loaded_backlog(target, schema, f"relay{batch_size}") as backlog:
-        seconds, delivered, phases = asyncio.run(_drain(settings, expected, timeout))
-    checks = backlog.checks
-    ok = drained(checks, expected) and delivered >= expected
+    topic = w.new_topic(target.bootstrap, f"drain{drain.size}", target.workload.partitions)
+    w.fresh_schema(url, drain.schema)
+    with w.connect(url) as conn:
+        outbox_lib.migrate(conn, drain.schema)
+    w.checkpoint(url)
+    wal_before = w.wal_lsn(url)
+    try:
+        seconds, delivered, phases, load_s = asyncio.run(
+            _live_drain(settings, target, drain, topic, timeout)
+        )
+        checks = sql_checks(url, drain.schema, wal_before)
+    finally:
+        w.drop_schema(url, drain.schema)
+    checks |= topic_checks(target.bootstrap, topic) | {"backlog_load_s": load_s}
+    ok = drained(checks, drain.size) and delivered >= drain.size
+    note = drain_note(checks) + f"; commits took {load_s:.1f} s"
+    if not ok and delivered:
+        note = f"capped at {timeout:.0f} s: {delivered:,} of {drain.size:,} delivered; " + note
     return Throughput(
-        name, delivered, seconds, status="ok" if ok else "partial" if delivered else "failed",
-        note=drain_note(checks), details={**checks, "phases": phases.breakdown(seconds)},
+        drain.name, delivered, seconds, status="ok" if ok else "partial" if delivered else "failed",
+        note=note, details={**checks, "phases": phases.breakdown(seconds),
+                            "size": drain.size, "pinned": drain.pinned},
     )  # fmt: skip
+
+
+async def _live_drain(
+    settings: Any, target: w.Target, drain: Drain, topic: str, timeout: float
+) -> tuple[float, int, Phases, float]:
+    """(seconds from the first commit to the last delivery, delivered, phases, commit s)."""
+    stop = asyncio.Event()
+    phases = Phases()
+    engines: list[Engine] = []
+
+    def on_start(engine: Engine) -> None:
+        phases.instrument(engine)
+        engines.append(engine)
+
+    relay = asyncio.create_task(run_relay(settings, stop, on_start))
+    while not engines and not relay.done():
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(IDLE_BEFORE_LOAD_S)
+    url = target.database_url
+    pin = w.pinned_snapshot(url, drain.schema) if drain.pinned else contextlib.nullcontext()
+    with pin:
+        started = time.perf_counter()
+        load = asyncio.ensure_future(
+            asyncio.to_thread(w.commit_backlog, url, drain.schema, topic, drain.size, LOAD_CHUNK)
+        )
+        finished = await _wait_delivered(engines, drain.size, relay, started + timeout)
+        load_s = await load
+    stop.set()
+    stats = await relay
+    return finished - started, stats.delivered, phases, load_s
 
 
 def sql_checks(url: str, schema: str, wal_before: str) -> dict[str, Any]:
@@ -258,7 +314,7 @@ def naive_relay(target: w.Target, cap_seconds: float) -> Throughput:
     schema = "bench_naive"
     expected = target.workload.messages
     topic = w.new_topic(target.bootstrap, "naive", target.workload.partitions)
-    w.load_outbox(target.database_url, schema, topic)
+    w.load_outbox(target.database_url, schema, topic, upto=target.workload.messages)
     w.checkpoint(target.database_url)
     try:
         delivered, seconds, reports = _naive_loop(target, schema, cap_seconds)

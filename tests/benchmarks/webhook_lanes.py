@@ -253,7 +253,6 @@ def _load_alternating(url: str, schema: str, source: str, even_topic: str | None
             w.query("load_outbox_alternating", schema=schema, source=source),
             {"odd": FAST_TOPIC, "even": even_topic},
         )
-        conn.execute(w.query("vacuum_analyze", schema=schema, table="message"))
     w.checkpoint(url)
 
 

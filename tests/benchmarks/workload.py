@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,21 @@ Record = tuple[bytes, bytes, list[tuple[str, bytes | str | None]]]
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """What is sent: how many messages, over how many keys, how big, to how many partitions."""
+    """What is sent: how many messages, over how many keys, how big, to how many partitions.
+
+    ``messages`` is the backlog most scenarios send; ``generated`` (at least that) is how many
+    records the source holds, for drains of bigger backlogs (``--drain-sizes``).
+    """
 
     messages: int
     keys: int
     payload_bytes: int
     partitions: int
+    generated: int = 0
+
+    @property
+    def source_rows(self) -> int:
+        return max(self.messages, self.generated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,29 +91,62 @@ def prepare_source(url: str, workload: Workload, source: str = SOURCE_SCHEMA) ->
     fresh_schema(url, source)
     started = time.perf_counter()
     with connect(url) as conn:
-        params = {"messages": workload.messages, "keys": workload.keys,
+        params = {"messages": workload.source_rows, "keys": workload.keys,
                   "payload_bytes": workload.payload_bytes}  # fmt: skip
         conn.execute(query("create_backlog", schema=source), params)
     return time.perf_counter() - started
 
 
-def backlog_sizes(url: str) -> tuple[int, float, int]:
-    """(rows, mean payload bytes, distinct keys) of the generated backlog."""
+def backlog_sizes(url: str, limit: int) -> tuple[int, float, int]:
+    """(rows, mean payload bytes, distinct keys) of the first ``limit`` backlog records."""
     with connect(url) as conn:
-        row = conn.execute(query("backlog_sizes", source=SOURCE_SCHEMA)).fetchone()
+        row = conn.execute(
+            query("backlog_sizes", source=SOURCE_SCHEMA), {"limit": limit}
+        ).fetchone()
     assert row is not None
     return int(row[0]), float(row[1]), int(row[2])
 
 
-def load_outbox(url: str, schema: str, topic: str, source: str = SOURCE_SCHEMA) -> float:
-    """Migrate ``schema`` and fill its ``message`` table with the backlog; returns seconds."""
+# Backlog records are not bigger than this many: a load with no limit takes them all.
+EVERY_RECORD = 2**62
+
+
+def load_outbox(
+    url: str, schema: str, topic: str, source: str = SOURCE_SCHEMA, upto: int = EVERY_RECORD
+) -> float:
+    """Migrate ``schema`` and commit the backlog's first ``upto`` records into its ``message``
+    table, in one transaction and nothing else (no VACUUM, no ANALYZE); returns seconds."""
     fresh_schema(url, schema)
     with connect(url) as conn:
         outbox_lib.migrate(conn, schema)
-        started = time.perf_counter()
-        conn.execute(query("load_outbox", schema=schema, source=source), {"topic": topic})
-        conn.execute(query("vacuum_analyze", schema=schema, table="message"))
-        return time.perf_counter() - started
+    return commit_backlog(url, schema, topic, upto, chunk=upto, source=source)
+
+
+def commit_backlog(
+    url: str, schema: str, topic: str, upto: int, chunk: int, source: str = SOURCE_SCHEMA
+) -> float:
+    """Commit backlog records 1..``upto`` into an already migrated ``schema``, ``chunk`` per
+    transaction, as fast as they go (a bulk job's shape); returns the seconds it took."""
+    started = time.perf_counter()
+    statement = query("load_outbox", schema=schema, source=source)
+    with connect(url) as conn:
+        for after in range(0, upto, chunk):
+            bounds = {"after": after, "upto": min(upto, after + chunk)}
+            conn.execute(statement, {"topic": topic, **bounds})
+    return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def pinned_snapshot(url: str, schema: str) -> Iterator[None]:
+    """While inside, a session holds a snapshot open (REPEATABLE READ, idle in transaction):
+    the cluster's xmin stays where it was, as under a long report or a forgotten BEGIN."""
+    with psycopg.connect(url) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.execute(query("pin_snapshot", schema=schema))
+        try:
+            yield
+        finally:
+            conn.rollback()
 
 
 def wal_lsn(url: str) -> str:
@@ -145,10 +188,12 @@ def relay_headers(
     ]
 
 
-def read_records(url: str, topic: str) -> list[Record]:
-    """The backlog as the relay would produce it: (key, value, headers)."""
+def read_records(url: str, topic: str, limit: int) -> list[Record]:
+    """The backlog's first ``limit`` records as the relay would produce them."""
     with connect(url) as conn:
-        rows = conn.execute(query("backlog_records", source=SOURCE_SCHEMA)).fetchall()
+        rows = conn.execute(
+            query("backlog_records", source=SOURCE_SCHEMA), {"limit": limit}
+        ).fetchall()
     return [(bytes(k), bytes(p), relay_headers(str(i), topic, h)) for i, k, p, h in rows]
 
 
