@@ -24,7 +24,7 @@ SELECT o.n,
                                  'customer', 'customer-' || (i %% %(keys)s),
                                  'amount_cents', (i * 7919) %% 100000, 'currency', 'EUR',
                                  'status', 'created', 'note', '')::text AS doc
-          FROM generate_series(1, %(messages)s) AS i) AS o
+          FROM generate_series(1, %(messages)s::bigint) AS i) AS o
 
 -- name: backlog_records
 SELECT id, msg_key, payload, headers FROM {source}.backlog WHERE n <= %(limit)s ORDER BY n
