@@ -16,6 +16,10 @@
 --                   (and no row of version 6 or before, topic '', holds the key). The
 --                   two-argument form stays, meaning what it meant: one acceptance per key,
 --                   whatever the topic (it is false when any row holds the key)
+--   relay_format()  the way of claiming and recording messages this schema serves (1: the
+--                   delete-and-claim first pass). A relay checks it at start and at every
+--                   heartbeat, and stops when the schema serves a format it does not speak,
+--                   so a migration that changes the first pass stops older relays safely
 
 CREATE OR REPLACE FUNCTION publish(
     topic text,
@@ -132,3 +136,8 @@ CREATE OR REPLACE FUNCTION inbox_accept(consumer text, idempotency_key text) RET
 LANGUAGE sql
 SET search_path FROM CURRENT
 AS $$ SELECT inbox_accept(inbox_accept.consumer, inbox_accept.idempotency_key, NULL::text) $$;
+
+CREATE FUNCTION relay_format() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path FROM CURRENT
+AS $$ SELECT 1 $$;

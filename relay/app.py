@@ -30,7 +30,7 @@ from .runtime import RouteRuntime
 from .sinks.base import Sink
 from .sinks.kafka import KafkaSink
 from .sinks.webhook import WebhookSink
-from .store import DB_ERRORS, Store
+from .store import DB_ERRORS, Store, check_format
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,11 @@ async def open_store(settings: Settings, relay_id: str, lanes: int = 0) -> Store
             else f"schema {settings.schema!r} is at version {version}, this relay needs "
             f"{SCHEMA_VERSION}; run `outbox-relay migrate`"
         )
+    try:
+        check_format(settings.schema, await store.relay_format())
+    except BaseException:
+        await store.close()
+        raise
     return store
 
 
@@ -164,6 +169,8 @@ async def run_relay(
         on_start(engine)
     try:
         await engine.run(stop, to_libpq(settings.require_database_url()))
+        if engine.incompatible is not None:
+            raise engine.incompatible
     finally:
         if observing is not None:
             await asyncio.gather(observing, return_exceptions=True)

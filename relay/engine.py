@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import Settings
-from .errors import one_line
+from .errors import SchemaTooNewError, one_line
 from .lanes import Lane, LaneSettings
 from .membership import Membership
 from .metrics import Metrics
@@ -71,6 +71,8 @@ class Engine:
     _routes_checked: float = 0.0
     metrics: Metrics = field(init=False)
     metrics_port: int | None = None  # the port bound (the setting may say 0: any free port)
+    # Set when the schema was migrated for newer relays while this one ran: it stops.
+    incompatible: SchemaTooNewError | None = None
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.store.relay_id, self.store.schema)
@@ -141,6 +143,14 @@ class Engine:
         if now - self._routes_checked < self.settings.heartbeat_seconds:
             return
         self._routes_checked = now
+        try:
+            await self.store.check_format()
+        except SchemaTooNewError as exc:
+            log.error("stopping: %s", exc)
+            self.incompatible = exc
+            assert self._stop is not None
+            self._stop.set()
+            return
         started = time.monotonic()
         disabled = await self.store.disabled_routes()
         for runtime in self.routes:

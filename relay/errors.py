@@ -28,6 +28,10 @@ class RelayError(OutboxError):
     """Base class of the relay's own errors."""
 
 
+class SchemaTooNewError(RelayError):
+    """The schema serves a first-pass format this relay does not speak: upgrade the relay."""
+
+
 class ConfigError(RelayError, ConfigurationError):
     """Invalid configuration; the message names its source (flag, variable or file key)."""
 

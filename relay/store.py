@@ -28,7 +28,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 from outbox_lib._encoding import decode_headers
 from outbox_lib._sqlfiles import load_queries, with_schema
 
+from . import __version__
 from .backoff import Backoff
+from .errors import SchemaTooNewError
 from .plan import RecordPlan, Rows
 from .sinks.base import Outbound
 from .tracing import Spans
@@ -40,6 +42,20 @@ DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
 Key = tuple[str, str, bytes]
+
+# The first-pass format this relay speaks (relay_format() in migration 0007). A schema that
+# serves a higher one was migrated for newer relays: this one must not claim from it.
+RELAY_FORMAT = 1
+
+
+def check_format(schema: str, served: int) -> None:
+    """Refuse a schema migrated for relays of a newer first-pass format."""
+    if served > RELAY_FORMAT:
+        raise SchemaTooNewError(
+            f"schema {schema!r} was migrated for a newer outbox-relay (first-pass format "
+            f"{served}; this relay {__version__} speaks {RELAY_FORMAT}): upgrade the relay "
+            "(docs/operations.md, Upgrading)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +303,18 @@ class Store:
     async def schema_version(self) -> int | None:
         rows = await self._fetch("schema_version", {})
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def check_format(self) -> None:
+        """:class:`SchemaTooNewError` if the schema now serves a newer first-pass format."""
+        check_format(self.schema, await self.relay_format())
+
+    async def relay_format(self) -> int:
+        """The first-pass format the schema serves: 1 on a schema older than version 7."""
+        try:
+            rows = await self._fetch("relay_format", {})
+        except psycopg.errors.UndefinedFunction:
+            return 1
+        return int(rows[0][0])
 
     async def release_all(self) -> int:
         rows = await self._fetch("release_all_of_relay", {"relay": self.relay_id})

@@ -71,6 +71,7 @@ BEGIN
 END
 $$;
 
+DROP FUNCTION relay_format();
 DROP FUNCTION inbox_accept(text, text, text);
 DELETE FROM inbox a USING inbox b
  WHERE a.consumer = b.consumer AND a.idempotency_key = b.idempotency_key AND a.topic > b.topic;

@@ -209,6 +209,10 @@ SELECT extract(epoch FROM min(available_at) - now()) FROM {schema}.route_pending
 -- name: schema_version
 SELECT max(version) FROM {schema}.schema_migrations
 
+-- name: relay_format
+-- The first-pass format the schema serves (from schema version 7; before it, format 1).
+SELECT {schema}.relay_format()
+
 -- name: status_relays
 SELECT r.relay_id, r.host, r.pid, r.started_at, r.heartbeat_at,
        extract(epoch FROM now() - r.heartbeat_at),

@@ -308,6 +308,54 @@ def test_run_on_an_outdated_schema_names_both_versions(
     assert "outbox-relay migrate" in lines[0]
 
 
+NEWER_FORMAT = (
+    "CREATE OR REPLACE FUNCTION outbox.relay_format() RETURNS integer LANGUAGE sql "
+    "AS $$ SELECT 2 $$"
+)
+
+
+def test_run_on_a_schema_migrated_for_newer_relays_refuses_to_start(
+    database_url: str, kafka: KafkaEndpoint
+) -> None:
+    migrate(database_url)
+    execute(database_url, NEWER_FORMAT)
+
+    result = run_cli("run", env=_relay_env(database_url, kafka.bootstrap), timeout=60)
+
+    assert result.returncode == 1, result.stderr
+    [line] = error_lines(result.stderr)
+    assert "was migrated for a newer outbox-relay (first-pass format 2;" in line
+    assert "upgrade the relay" in line
+    assert scalar(database_url, "SELECT count(*) FROM outbox.relay") == 0
+
+
+def test_a_running_relay_stops_when_the_schema_is_migrated_for_newer_relays(
+    database_url: str, kafka: KafkaEndpoint
+) -> None:
+    """What an old pod does when `migrate` of a release with another first pass runs under
+    it: it stops claiming, hands back what it holds and exits 1, naming the reason."""
+    migrate(database_url)
+    topic = f"format-{time.monotonic_ns()}"
+    create_topic(kafka.bootstrap, topic)
+    env = {**_relay_env(database_url, kafka.bootstrap), "OUTBOX_HEARTBEAT_SECONDS": "0.2"}
+    with start_relay(env=env) as relay:
+        publish_many(database_url, [{"topic": topic, "payload": {"i": i}} for i in range(3)])
+        _wait_until(lambda: scalar(database_url, "SELECT count(*) FROM outbox.message") == 0,
+                    30, "the relay to deliver the first messages")  # fmt: skip
+        execute(database_url, NEWER_FORMAT)
+        assert relay.wait_for(r"stopping: schema 'outbox' was migrated for a newer", 10)
+        code = relay.popen.wait(15)
+        publish_many(database_url, [{"topic": topic, "payload": {"i": i}} for i in (3, 4)])
+
+    assert code == 1, relay.output
+    assert "upgrade the relay" in error_lines(relay.output)[-1]
+    assert "Traceback" not in relay.output
+    # Nothing it held is left leased, and nothing published after it stopped was sent.
+    assert scalar(database_url, "SELECT count(*) FROM outbox.relay") == 0
+    assert scalar(database_url, "SELECT count(*) FROM outbox.message") == 2
+    assert len(consume_all(kafka.bootstrap, topic, 3)) == 3
+
+
 def test_run_without_kafka_or_routes_is_a_usage_error(database_url: str) -> None:
     migrate(database_url)
 
