@@ -1,0 +1,44 @@
+-- Snapshot batches (relay/ticks.py, schema version 8). {schema} is the quoted schema.
+
+-- name: take_tick
+SELECT tick_id, snap::text, lo, hi, xnext::text::bigint FROM {schema}.take_tick()
+
+-- name: tick
+SELECT tick_id, snap::text, lo, hi, xnext::text::bigint FROM {schema}.tick
+ WHERE tick_id = %(tick_id)s
+
+-- Rows already routed (fanned: revived by `dead-letters retry` or `replay` for one route,
+-- or queued by an earlier first pass) are not the first pass's to read.
+
+-- name: batch_late
+-- Rows of transactions running at the start tick, up to its lo, that the end tick sees
+-- committed: those its xip list names, and those at or above its xmax that began before
+-- xnext (the snapshot lists only running transactions below xmax). Index probes of
+-- message_xid_idx, then the rows in seq order. Rows of rolled-back transactions are invisible and never come back. The
+-- bounds on seq are written as seq + 0, which no index matches: the only way in is by
+-- transaction, never a walk of the seq range below lo (every delivered row is there).
+SELECT m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
+       m.idempotency_key, m.created_at
+  FROM {schema}.message m
+ WHERE (m.xid = ANY(ARRAY(SELECT pg_snapshot_xip(%(start_snap)s::pg_snapshot)))
+        OR (m.xid >= pg_snapshot_xmax(%(start_snap)s::pg_snapshot)
+            AND m.xid < %(start_next)s::text::xid8))
+   AND m.seq + 0 > %(after)s AND m.seq + 0 <= %(start_lo)s AND NOT m.fanned
+   AND pg_visible_in_snapshot(m.xid, %(end_snap)s::pg_snapshot)
+ ORDER BY m.seq
+ LIMIT %(limit)s
+
+-- name: batch_rest
+-- Rows after the start tick's lo, up to the end tick's hi, of transactions the end tick sees
+-- committed and the start tick did not, in seq order, one window of seq at a time: whatever
+-- plan the planner picks (an index scan, or a bitmap scan and a sort when it knows nothing
+-- of the table), it touches at most the window, never the backlog beyond it. Rows of
+-- transactions still running are passed over (they come in a later batch, as late rows).
+SELECT m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
+       m.idempotency_key, m.created_at
+  FROM {schema}.message m
+ WHERE m.seq > %(after)s AND m.seq <= %(upto)s AND NOT m.fanned
+   AND pg_visible_in_snapshot(coalesce(m.xid, '1'::xid8), %(end_snap)s::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(coalesce(m.xid, '1'::xid8), %(start_snap)s::pg_snapshot)
+ ORDER BY m.seq
+ LIMIT %(limit)s

@@ -1,0 +1,148 @@
+"""Snapshot batches: what committed between two recorded snapshots, in publish order.
+
+The ground of the log-shaped first pass (``docs/first-pass-log.md``, schema version 8). A
+*tick* is a snapshot of the database with two bounds of the message sequence: ``lo`` read
+before the snapshot, ``hi`` after. The *batch* between ticks A < B is every message whose
+transaction B sees committed and A did not. It is read in two parts, both through indexes:
+
+* the rows of transactions running at A, with ``seq <= A.lo`` (``message_xid_idx``): those
+  A's snapshot lists, and those from its ``xmax`` up to ``A.xnext``, a transaction id taken
+  after the snapshot (a snapshot does not list running transactions at or above its xmax);
+* rows with ``A.lo < seq <= B.hi`` (the primary key), of transactions B sees and A did not,
+  read a window of ``seq`` at a time, so no plan can read more than the window.
+
+Every row of the first part precedes every row of the second, so a batch comes out in
+``seq`` order, chunk by chunk (:meth:`Batch.read`). The argument holds because a message's
+transaction takes its id before the message takes its ``seq`` (``enqueue()`` makes sure):
+a transaction a tick does not list as running then has its ``seq`` above the tick's ``lo``.
+No row is skipped however late its transaction commits: it is in the first batch whose end
+sees it. No read waits for the oldest
+transaction in the cluster, and none walks rows delivered before: the cost of a chunk is the
+chunk, plus rows of transactions still running.
+
+Rows written before schema version 8 have no ``xid``: they count as committed before every
+tick, so they are in no batch. A first cursor placed before them reads them as its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from outbox_lib._sqlfiles import load_queries, with_schema
+
+_QUERIES = load_queries("relay", "sql/ticks.sql")
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A recorded snapshot (``snap`` in PostgreSQL's text form), its sequence bounds, and a
+    transaction id above every transaction running at it (``xnext``)."""
+
+    tick_id: int
+    snap: str
+    lo: int
+    hi: int
+    xnext: int
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Tick:
+        return cls(int(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4]))
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A message of a batch: what a reader gets (``seq`` first, the rest as selected)."""
+
+    seq: int
+    values: tuple[Any, ...]
+
+
+def _statement(name: str, schema: str) -> sql.Composed:
+    return with_schema(_QUERIES[name], schema)
+
+
+async def take_tick(conn: psycopg.AsyncConnection[Any], schema: str) -> Tick:
+    """Record a tick. Commit right after (or use an autocommit connection): the lock that
+    orders ticks is held until the transaction that took it ends, so a tick inside a longer
+    transaction would hold back every other relay's ticks."""
+    cur = await conn.execute(_statement("take_tick", schema))
+    row = await cur.fetchone()
+    assert row is not None
+    return Tick.from_row(row)
+
+
+async def tick(conn: psycopg.AsyncConnection[Any], schema: str, tick_id: int) -> Tick:
+    cur = await conn.execute(_statement("tick", schema), {"tick_id": tick_id})
+    row = await cur.fetchone()
+    if row is None:
+        raise LookupError(f"no tick {tick_id} in schema {schema!r}")
+    return Tick.from_row(row)
+
+
+@dataclass
+class Batch:
+    """The messages committed between ticks ``start`` and ``end``, read in ``seq`` order.
+
+    ``after`` is the position: every message of the batch up to that ``seq`` has been read
+    (0 before the first chunk). A reader that records its position after each chunk resumes
+    exactly there.
+    """
+
+    start: Tick
+    end: Tick
+    after: int = 0
+    done: bool = False
+    # The seq window of the next read of the second part: grows over gaps, shrinks back.
+    window: int = field(default=0, repr=False)
+
+    async def read(self, conn: psycopg.AsyncConnection[Any], schema: str, limit: int) -> list[Row]:
+        """The next messages, at most ``limit``; ``done`` once the batch is exhausted."""
+        rows: list[Row] = []
+        if self.after < self.start.lo:
+            rows = await self._part(conn, schema, "batch_late", limit, {})
+            if len(rows) < limit:
+                self.after = self.start.lo  # every late row is read
+            elif rows:
+                self.after = rows[-1].seq
+        while len(rows) < limit and not self.done:
+            if self.after >= self.end.hi:
+                self.done = True
+                break
+            wanted = limit - len(rows)
+            self.window = max(self.window, 4 * wanted)
+            upto = min(self.after + self.window, self.end.hi)
+            found = await self._part(conn, schema, "batch_rest", wanted, {"upto": upto})
+            rows += found
+            if len(found) == wanted:
+                self.after = found[-1].seq
+                self.window = 0
+            else:  # the window is exhausted: skip to its end, wider next time if it was empty
+                self.after = upto
+                self.window = 2 * self.window if not found else 0
+        return rows
+
+    async def _part(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        name: str,
+        limit: int,
+        extra: dict[str, Any],
+    ) -> list[Row]:
+        params = {
+            "after": self.after,
+            "limit": limit,
+            "start_snap": self.start.snap,
+            "start_lo": self.start.lo,
+            "start_next": self.start.xnext,
+            "end_snap": self.end.snap,
+            **extra,
+        }
+        cur = await conn.execute(_statement(name, schema), params)
+        found = await cur.fetchall()
+        return [Row(int(r[0]), tuple(r[1:])) for r in found]
