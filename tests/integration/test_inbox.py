@@ -218,7 +218,7 @@ def test_keys_accepted_before_version_7_still_hold_for_every_topic(database_url:
     with psycopg.connect(database_url, autocommit=True) as conn:
         outbox_lib.migrate(conn, to_version=6)
         assert conn.execute("SELECT outbox.inbox_accept('c', 'old')").fetchone() == (True,)
-        assert outbox_lib.migrate(conn) == [7]
+        assert outbox_lib.migrate(conn, to_version=7) == [7]
         accept = "SELECT outbox.inbox_accept('c', %s, %s)"
         assert conn.execute(accept, ("old", "orders.created")).fetchone() == (False,)
         assert conn.execute(accept, ("new", "orders.created")).fetchone() == (True,)
