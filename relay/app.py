@@ -34,7 +34,7 @@ from .store import DB_ERRORS, Store, check_format
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 9
 
 Started = TypeVar("Started")
 

@@ -115,12 +115,17 @@ OPTIONS: tuple[Option, ...] = (
         "how often lag, pending and dead-letter gauges and readiness are refreshed",
     ),
     Option("batch_size", _positive_int, 2000, "messages claimed per batch"),
-    Option("lease_seconds", _seconds, 120.0, "how long a claim is held before others may retry it"),
+    Option(
+        "lease_seconds",
+        _seconds,
+        120.0,
+        "how long a retry's claim is held before another relay may take it",
+    ),
     Option(
         "hold_seconds",
         _seconds,
         5.0,
-        "longest a batch stays locked in its claiming transaction; slower sends become a lease",
+        "with several routes: longest the first pass waits for one; the rest go to its retries",
     ),
     Option("poll_interval", _seconds, 1.0, "longest sleep between claims when NOTIFY is quiet"),
     Option(

@@ -1,20 +1,22 @@
 """The claim loop: wake, claim a batch, send it to every matching route, record, repeat.
 
-Two passes share the loop. The *first pass* claims messages that were never attempted and
-sends each to all its routes at once; this is the hot path and touches only ``message``.
-The *retry pass* claims ``route_pending`` rows that are due again. Per-key order on a route
-holds because a message queues ("parks") behind any earlier pending work of its key on that
-route, and claims never pass an earlier message of the same key that is leased or not due.
+Two passes share the loop. The *first pass* reads the outbox as a log (``relay.ticks``):
+the messages committed between two recorded snapshots, in ``seq`` order, sent to all their
+routes at once; recording them moves one cursor past them, nothing marks a message read. It
+is the hot path, and its cost is the batch, whatever the table's state. The *retry pass*
+claims ``route_pending`` rows that are due again. Per-key order on a route holds because a
+message queues ("parks") behind any earlier pending work of its key on that route, and
+claims never pass an earlier message of the same key that is leased or not due.
 
-With several relays, both passes claim keyed work only of the key buckets this relay holds
-(see :mod:`relay.membership`); keyless work goes to any relay. A bucket another relay is
+With several relays, the first pass is read by the relay holding bucket 0 (the cursor moves
+only for it), and the retry pass claims keyed work only of the key buckets this relay holds
+(see :mod:`relay.membership`); keyless retries go to any relay. A bucket another relay is
 waiting for is handed over between two steps, when nothing of this relay is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -39,7 +41,7 @@ from .plan import (
 from .runtime import MAX_RETRY_AFTER, OUTAGE_BACKOFF, RouteRuntime, log_dead_letters, wait_any
 from .sinks.base import Failed, Outbound, Result
 from .sinks.webhook import WebhookSink
-from .store import DB_ERRORS, HeldBatch, Store, listen
+from .store import DB_ERRORS, FirstPassChunk, FirstPassLost, Store, listen
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,6 @@ class Engine:
     membership: Membership
     stats: Stats = field(default_factory=Stats)
     lanes: list[Lane] = field(default_factory=list)
-    _prefetch: asyncio.Future[HeldBatch] | None = None
     _matches: dict[str, list[RouteRuntime]] = field(default_factory=dict)
     _stop: asyncio.Event | None = None
     _routes_checked: float = 0.0
@@ -167,13 +168,11 @@ class Engine:
     async def _hand_over_if_due(self) -> None:
         """Between batches, give away buckets another relay is waiting for.
 
-        Nothing of this relay is in flight here: the previous batch is recorded, and a
-        prefetched claim (it may hold messages of those buckets) is given back first. So
-        the successor can never send a key while this relay still has it on the wire.
+        Nothing of this relay is in flight here: the previous batch is recorded. So the
+        successor can never send a key while this relay still has it on the wire.
         """
         if not self.membership.handoff_due:
             return
-        await self._settle_prefetch(keep=False)
         await self.membership.hand_over()
 
     async def _idle_timeout(self) -> float:
@@ -193,19 +192,21 @@ class Engine:
     async def step(self) -> int:
         """One batch of each pass; returns how many (message, route) items were handled."""
         inline = self.inline_routes
-        active = [r for r in inline if r.pause_left() == 0 or r.disabled is not None]
-        if inline and not active and len(inline) == len(self.routes):
-            await self._settle_prefetch(keep=False)  # hold no locks across a pause
-            return 0
-        held = await self._take_prefetched() or await self.store.hold_first_pass(
-            self.settings.batch_size
-        )
-        first = held.messages
+        active = [
+            r for r in inline if (r.pause_left() == 0 and not r.busy) or r.disabled is not None
+        ]
+        first: list[Outbound] = []
         pending = await self.store.any_route_pending()
-        if first:
-            await self._first_pass(held, pending)
-            for lane in self.lanes:
-                lane.wake.set()
+        # Every route paused: read nothing, rather than queue the backlog as retries.
+        all_paused = bool(inline) and not active and len(inline) == len(self.routes)
+        if self._reads_first_pass() and not all_paused:
+            chunk = await self.store.read_first_pass(self.settings.batch_size)
+            first = chunk.messages
+            if chunk.moves:
+                await self._first_pass(chunk, pending)
+            if first:
+                for lane in self.lanes:
+                    lane.wake.set()
         retry: list[tuple[Outbound, str]] = []
         if pending:
             names = [r.route.name for r in active]
@@ -218,58 +219,32 @@ class Engine:
         self.stats.claimed += len(first) + len(retry)
         return max(len(first), len(retry))
 
-    async def _take_prefetched(self) -> HeldBatch | None:
-        task, self._prefetch = self._prefetch, None
-        return await task if task is not None else None
+    def _reads_first_pass(self) -> bool:
+        """The first pass is this relay's to read while it holds bucket 0."""
+        if 0 in self.membership.buckets:
+            return True
+        self.store.forget_first_pass()
+        return False
 
-    async def _first_pass(self, held: HeldBatch, pending: bool) -> None:
-        """Send a held batch; record in its transaction, or lease it if sending is slow."""
+    async def _first_pass(self, chunk: FirstPassChunk, pending: bool) -> None:
+        """Send a chunk to its routes, then record the outcome and move the cursor past it."""
+        sending, routes_of, verdicts = await self._start_first_pass(chunk.messages, pending)
+        self._judge_all(await sending, verdicts)
+        plan = plan_first_pass(chunk.messages, verdicts, routes_of)
+        started = time.monotonic()
         try:
-            sending, routes_of, verdicts = await self._start_first_pass(held.messages, pending)
-            self._maybe_prefetch(len(held.messages))
-            done, _ = await asyncio.wait({sending}, timeout=self.settings.hold_seconds)
-            if not done:
-                await self._settle_prefetch(keep=False)
-                await held.lease(self.settings.lease_seconds)
-            self._judge_all(await sending, verdicts)
-            plan = plan_first_pass(held.messages, verdicts, routes_of)
-            if done and (plan.fanned or plan.released):
-                # Released rows go back before the prefetched batch in seq order: that
-                # batch must be re-claimed, or it would overtake them on their keys.
-                await self._settle_prefetch(keep=not plan.released)
-        except BaseException:
-            await held.abandon()
-            raise
-        if done:
-            started = time.monotonic()
-            await held.commit(plan)
-            self.metrics.record_took("first", time.monotonic() - started)
-            self._count(plan)
-        else:
-            await self._record(plan, "first")
-        log_dead_letters(plan, {m.seq: m for m in held.messages})
-
-    async def _settle_prefetch(self, keep: bool) -> None:
-        """Let the next claim finish before this batch updates any of its rows.
-
-        A claim that reaches a row just after another transaction updated it locks the new
-        version, finds it no longer matches (EvalPlanQual) and skips it, but keeps the lock
-        until it ends. Were the next claim still running when this batch leases, settles or
-        releases its rows, it could keep some of them locked, and this batch's own record
-        would wait for a transaction that ends only after that record: a deadlock that only
-        the idle-in-transaction timeout breaks. Rows still locked by this batch are skipped
-        cleanly, and deleted rows cannot be locked, so the common all-delivered batch needs
-        no wait. A slow batch gives its prefetched successor back, so no transaction waits
-        across a slow send.
-        """
-        task = self._prefetch
-        if task is None:
+            # Ride out a short database outage rather than send the chunk again. Should a
+            # commit have happened unseen, the retry finds the cursor moved: nothing is lost.
+            await self.store.patiently(
+                lambda: self.store.record_first_pass(chunk, plan), self.settings.lease_seconds * 0.8
+            )
+        except FirstPassLost as exc:
+            # Sent, not recorded: whoever moved the cursor sends these again (at-least-once).
+            log.warning("first pass: %s; %d messages not recorded", exc, len(chunk.messages))
             return
-        await asyncio.wait({task})
-        if not keep:
-            held = await self._take_prefetched()
-            if held is not None:
-                await held.abandon()
+        self.metrics.record_took("first", time.monotonic() - started)
+        self._count(plan)
+        log_dead_letters(plan, {m.seq: m for m in chunk.messages})
 
     async def _start_first_pass(
         self, messages: list[Outbound], pending: bool
@@ -292,7 +267,7 @@ class Engine:
                     verdicts[(message.seq, name)] = parked()  # queued for the route's lane
                 elif message.key is not None and (name, message.topic, message.key) in blocked:
                     verdicts[(message.seq, name)] = parked()
-                elif runtime.pause_left() > 0:
+                elif runtime.pause_left() > 0 or runtime.busy:
                     verdicts[(message.seq, name)] = self._judge(runtime, message, _PAUSED)
                 else:
                     to_send.setdefault(name, []).append(message)
@@ -303,17 +278,6 @@ class Engine:
             runtime = self._runtime(name)
             for message, result in batch_results:
                 verdicts[(message.seq, name)] = self._judge(runtime, message, result)
-
-    def _maybe_prefetch(self, claimed: int) -> None:
-        """While a full batch is being sent, claim the next one: a backlog drains faster.
-
-        Safe for per-key order because the next batch is sent only after this one is
-        recorded, so its blocked-key check sees whatever this batch left pending.
-        """
-        if claimed >= self.settings.batch_size and not self._stopping():
-            self._prefetch = asyncio.ensure_future(
-                self.store.hold_first_pass(self.settings.batch_size)
-            )
 
     async def _retry_pass(self, claimed: list[tuple[Outbound, str]]) -> None:
         to_send: dict[str, list[Outbound]] = {}
@@ -334,9 +298,31 @@ class Engine:
         return next(r for r in self.routes if r.route.name == name)
 
     async def _send_all(self, to_send: dict[str, list[Outbound]]) -> SendResults:
+        """Send each route's share at once. With more than one route, a route that has not
+        answered within ``hold_seconds`` is left to finish in the background: its share is
+        queued for its retries (no attempt spent) and the route pauses, so a dead broker or
+        endpoint never holds back the other routes. It is sent nothing more until that send
+        ends. With one route there is nobody to hold back, and the pass waits."""
         names = list(to_send)
-        sent = await asyncio.gather(*(self._send(self._runtime(n), to_send[n]) for n in names))
-        return list(zip(names, sent, strict=True))
+        if not names:
+            return []
+        tasks = [asyncio.ensure_future(self._send(self._runtime(n), to_send[n])) for n in names]
+        timeout = self.settings.hold_seconds if len(self.routes) > 1 else None
+        done, _ = await asyncio.wait(tasks, timeout=timeout)
+        sent: SendResults = []
+        for name, task in zip(names, tasks, strict=True):
+            if task in done:
+                sent.append((name, task.result()))
+                continue
+            runtime = self._runtime(name)
+            runtime.unanswered = task
+            task.add_done_callback(_forget)
+            silent = Failed("unavailable", NO_ANSWER, f"no answer within {timeout:g} s")
+            log.warning("route %s: no answer within %g s; its messages wait for its retries",
+                        name, timeout)  # fmt: skip
+            runtime.observe([silent])
+            sent.append((name, [(m, silent) for m in to_send[name]]))
+        return sent
 
     async def _send(
         self, runtime: RouteRuntime, batch: list[Outbound]
@@ -378,16 +364,10 @@ class Engine:
         self.metrics.recorded(plan)
 
     async def _shutdown(self) -> None:
-        if self._prefetch is not None:
-            # Locked but never sent: rolling back frees the rows for the next relay.
-            with contextlib.suppress(*DB_ERRORS):
-                held = await self._take_prefetched()
-                if held is not None:
-                    await held.abandon()
         try:
             released = await self.store.release_all()
             if released:
-                log.info("released %d claimed messages on shutdown", released)
+                log.info("released %d claimed retries on shutdown", released)
         except DB_ERRORS as exc:
             log.warning(
                 "could not release claims on shutdown (%s); their leases will expire",
@@ -405,6 +385,14 @@ class Engine:
 
 
 _PAUSED = Failed("unavailable", PAUSED, "sink unreachable; waiting before the next try")
+NO_ANSWER = "no answer"
+
+
+def _forget(task: asyncio.Future[list[tuple[Outbound, Result]]]) -> None:
+    """A send given up on: its outcome is not recorded (its messages were queued for the
+    route's retries, so what it delivered late is delivered again: at-least-once)."""
+    if not task.cancelled():
+        task.exception()  # _send logs and absorbs sink errors; nothing else can be here
 
 
 def _disabled(runtime: RouteRuntime, attempts: int = 0) -> Dead:

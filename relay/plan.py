@@ -10,9 +10,10 @@ Per (message, route) the verdict is one of:
                a route that was unavailable (no attempt spent) or a message parked behind an
                earlier message of its key on that route
 
-A message claimed on its first pass whose routes are all delivered or dead is deleted in one
-statement together with writing those rows. One whose every route was unavailable is simply
-released. Anything else becomes "fanned": the message stays, its pending routes carry on.
+A message read on its first pass whose routes are all delivered or dead is deleted in one
+statement together with writing those rows. Anything else becomes "fanned": the message
+stays, its pending routes carry on (a route that was unavailable too: the first pass has
+moved past it, and its retries wait for that route alone).
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class RecordPlan:
     pending: Rows = field(default_factory=Rows)
     pending_done: Rows = field(default_factory=Rows)
     fanned: list[int] = field(default_factory=list)
-    released: list[int] = field(default_factory=list)
     delivered_count: int = 0
     dead_count: int = 0
     # Every (message, route, verdict) of the plan, for the metrics once it is recorded.
@@ -132,7 +132,7 @@ def plan_first_pass(
     verdicts: dict[tuple[int, str], Verdict],
     routes_of: dict[int, list[str]],
 ) -> RecordPlan:
-    """Plan for messages claimed on their first pass (every route at once)."""
+    """Plan for messages read on their first pass (every route at once)."""
     plan = RecordPlan()
     for message in messages:
         names = routes_of.get(message.seq, [])
@@ -145,9 +145,6 @@ def plan_first_pass(
 
 def _plan_message(plan: RecordPlan, message: Outbound, mine: dict[str, Verdict]) -> None:
     plan.outcomes.extend((message, route, v) for route, v in mine.items())
-    if all(isinstance(v, Pending) and v.unavailable for v in mine.values()):
-        plan.released.append(message.seq)
-        return
     if all(isinstance(v, Delivered | Dead) for v in mine.values()):
         plan.finished.append(message.seq)
         for route, v in mine.items():

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 from .backoff import Backoff
 from .config import Route
@@ -52,6 +52,14 @@ class RouteRuntime:
     # Why the sink is unreachable (broker down, connection refused), or None: the route is
     # not ready (``/readyz``) until a delivery succeeds again.
     outage: str | None = None
+    # A send the first pass stopped waiting for (no answer within hold_seconds): nothing
+    # more is sent on the route until it ends.
+    unanswered: asyncio.Future[Any] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A send given up on is still running."""
+        return self.unanswered is not None and not self.unanswered.done()
 
     @property
     def is_lane(self) -> bool:

@@ -1,7 +1,7 @@
-"""The relay's narrow connector to PostgreSQL: claim, record, listen.
+"""The relay's narrow connector to PostgreSQL: read, claim, record, listen.
 
 Every method is one short transaction; nothing is held open while a sink works. SQL comes
-from ``sql/queries.sql``.
+from ``sql/queries.sql`` (and ``sql/ticks.sql`` for the first pass's batches).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -33,6 +33,7 @@ from .backoff import Backoff
 from .errors import SchemaTooNewError
 from .plan import RecordPlan, Rows
 from .sinks.base import Outbound
+from .ticks import Batch, Row, Tick, take_tick, tick
 from .tracing import Spans
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,10 @@ RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
 Key = tuple[str, str, bytes]
 
-# The first-pass format this relay speaks (relay_format() in migration 0007). A schema that
-# serves a higher one was migrated for newer relays: this one must not claim from it.
-RELAY_FORMAT = 1
+# The first-pass format this relay speaks (relay_format() in migration 0007; 2 from 0009, the
+# log first pass). A schema that serves a higher one was migrated for newer relays: this one
+# must not read from it.
+RELAY_FORMAT = 2
 
 
 def check_format(schema: str, served: int) -> None:
@@ -68,14 +70,46 @@ class Gauges:
     unowned_buckets: int
 
 
+class FirstPassLost(Exception):
+    """The first pass's cursor moved under this relay (another relay holds bucket 0 now, or
+    this one's lease lapsed): nothing of the chunk was recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A row of ``first_pass``: the batch between two ticks, read up to ``after``."""
+
+    position_id: int
+    start: int
+    end: int | None
+    after: int
+
+
+@dataclass(frozen=True, slots=True)
+class FirstPassChunk:
+    """Messages read from the first pass, the position they were read from, and the one
+    recording them moves the cursor to (``end`` None: the batch is done)."""
+
+    messages: list[Outbound]
+    read_from: Position
+    start: int
+    end: int | None
+    after: int
+
+    @property
+    def moves(self) -> bool:
+        """Recording it moves the cursor (empty chunks of an open batch do not)."""
+        return bool(self.messages) or self.end is None
+
+
 # jit=off: JIT compiles the claim query on every call (its LIMIT + subplan cost estimate
 #   crosses jit_above_cost) and that costs more than running it.
 # synchronous_commit=off: losing the last recorded acknowledgements in a server crash only
 #   means those messages are delivered again, which at-least-once allows; the application's
 #   own publish transactions keep their durability settings.
-# idle_in_transaction_session_timeout: a held batch keeps its transaction open while the
-#   batch is sent (at most hold_seconds); should the relay freeze, the server ends the
-#   session and releases the rows rather than blocking them forever.
+# idle_in_transaction_session_timeout: no transaction of the relay stays open while a sink
+#   works; should the relay freeze inside one anyway, the server ends the session rather
+#   than let it hold locks forever.
 def _session_options(hold_seconds: float) -> str:
     idle_ms = int((hold_seconds + 30.0) * 1000)
     return f"-c jit=off -c synchronous_commit=off -c idle_in_transaction_session_timeout={idle_ms}"
@@ -108,6 +142,26 @@ def _outbound(row: Sequence[Any]) -> Outbound:
     )
 
 
+def _from_row(row: Row) -> Outbound:
+    id_, topic, key, payload, ctype, headers, idem, created = row.values
+    return Outbound(
+        seq=row.seq,
+        id=id_,
+        topic=topic,
+        key=bytes(key) if key is not None else None,
+        payload=bytes(payload),
+        content_type=ctype,
+        headers=tuple(decode_headers(headers)),
+        idempotency_key=idem,
+        created_at=created,
+        attempts=0,
+    )
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     # Headers arrive as jsonb on every claimed row: orjson decodes them several times faster.
     set_json_loads(orjson.loads, conn)
@@ -124,6 +178,9 @@ class Store:
         self.spans = Spans()
         # Told of every claim: (pass, rows claimed, seconds); the engine feeds the metrics.
         self.on_claim: Callable[[str, int, float], None] = lambda _pass, _rows, _seconds: None
+        # The first pass's position and its batch, while this relay reads it.
+        self._first: tuple[Position, Tick, Batch | None] | None = None
+        self._moved_to = 0
 
     @classmethod
     def create(
@@ -159,47 +216,108 @@ class Store:
     def statement(self, name: str) -> sql.Composed:
         return self._q[name]
 
-    async def hold_first_pass(self, limit: int) -> HeldBatch:
-        """Lock the oldest first-pass messages in a transaction left open for the caller.
+    async def read_first_pass(self, limit: int) -> FirstPassChunk:
+        """The next first-pass messages, at most ``limit``, in ``seq`` order.
 
-        The caller must end it with :meth:`HeldBatch.commit`, :meth:`HeldBatch.lease` or
-        :meth:`HeldBatch.abandon`.
+        Only the relay holding bucket 0 calls this. The position is read from the database
+        once, then kept here while each chunk is recorded by :meth:`record_first_pass`.
         """
         started = time.monotonic()
         if not self.spans.enabled:
-            held = await self._hold_first_pass(limit)
+            chunk = await self._read_first_pass(limit)
         else:
             with self.spans.claim("first", limit) as claim:
-                held = await self._hold_first_pass(limit)
-                claim.count = len(held.messages)
-        self.on_claim("first", len(held.messages), time.monotonic() - started)
-        return held
+                chunk = await self._read_first_pass(limit)
+                claim.count = len(chunk.messages)
+        self.on_claim("first", len(chunk.messages), time.monotonic() - started)
+        return chunk
 
-    async def _hold_first_pass(self, limit: int) -> HeldBatch:
-        conn = await self._pool.getconn()
+    async def _read_first_pass(self, limit: int) -> FirstPassChunk:
         try:
-            cur = await conn.execute(
-                self._q["hold_first_pass"], {"limit": limit, "relay": self.relay_id}
-            )
-            rows = await cur.fetchall()
+            async with self._pool.connection() as conn:
+                if self._first is None:
+                    self._first = await self._load_position(conn)
+                position, start, batch = self._first
+                if batch is None:  # open the next batch: a tick ends it. Its ordering lock
+                    await conn.commit()  # lasts to the end of the tick's own transaction
+                    batch = Batch(start, await take_tick(conn, self.schema))
+                    await conn.commit()
+                    self._first = (position, start, batch)
+                rows = await batch.read(conn, self.schema, limit)
         except BaseException:
-            await self.release_connection(conn, rollback=True)
+            self._first = None  # the batch's read state may be ahead of the database
             raise
-        if not rows:
-            await self.release_connection(conn, rollback=True)
-            return HeldBatch(self, None, [])
-        return HeldBatch(self, conn, sorted((_outbound(r) for r in rows), key=lambda m: m.seq))
+        return FirstPassChunk(
+            messages=[_from_row(r) for r in rows],
+            read_from=position,
+            start=batch.end.tick_id if batch.done else batch.start.tick_id,
+            end=None if batch.done else batch.end.tick_id,
+            after=0 if batch.done else batch.after,
+        )
 
-    async def release_connection(
-        self, conn: psycopg.AsyncConnection[Any], *, rollback: bool
-    ) -> None:
+    async def _load_position(
+        self, conn: psycopg.AsyncConnection[Any]
+    ) -> tuple[Position, Tick, Batch | None]:
+        cur = await conn.execute(self._q["first_pass_position"])
+        row = await cur.fetchone()
+        if row is None:
+            raise SchemaTooNewError(f"schema {self.schema!r} has no first-pass position")
+        position = Position(int(row[0]), int(row[1]), _int(row[2]), int(row[3]))
+        start = await tick(conn, self.schema, position.start)
+        if position.end is None:
+            return position, start, None
+        end = await tick(conn, self.schema, position.end)
+        return position, start, Batch(start, end, after=position.after)
+
+    async def record_first_pass(self, chunk: FirstPassChunk, plan: RecordPlan) -> None:
+        """Write a chunk's outcome and move the cursor past it, in one transaction; or
+        :class:`FirstPassLost` if the cursor is no longer where the chunk was read from."""
         try:
-            if rollback and not conn.closed:
-                await conn.rollback()
-        except psycopg.Error:
-            pass  # a broken connection: the pool discards it, the server already rolled back
-        finally:
-            await self._pool.putconn(conn)
+            async with self._pool.connection() as conn, conn.transaction():
+                if chunk.moves:
+                    await self._move(conn, chunk)
+                await self.write(conn, plan)
+        except BaseException:
+            self._first = None
+            raise
+        if chunk.moves:
+            self._advance(chunk)
+
+    async def _move(self, conn: psycopg.AsyncConnection[Any], chunk: FirstPassChunk) -> None:
+        params = {
+            "prev": chunk.read_from.position_id,
+            "start": chunk.start,
+            "end": chunk.end,
+            "after": chunk.after,
+            "relay": self.relay_id,
+        }
+        cur = await conn.execute(self._q["move_first_pass"], params)
+        row = await cur.fetchone()
+        if row is None:
+            raise FirstPassLost(
+                "the first-pass cursor moved under this relay (bucket 0 changed hands)"
+            )
+        self._moved_to = int(row[0])
+        done_tick = chunk.read_from.start if chunk.end is None else None
+        await conn.execute(
+            self._q["forget_first_pass_rows"],
+            {"prev": chunk.read_from.position_id, "tick": done_tick},
+        )
+
+    def _advance(self, chunk: FirstPassChunk) -> None:
+        """After a move: keep reading from the new position without asking the database."""
+        if self._first is None:
+            return
+        _, start, batch = self._first
+        position = Position(self._moved_to, chunk.start, chunk.end, chunk.after)
+        if chunk.end is None and batch is not None:
+            self._first = (position, batch.end, None)  # done: its end starts the next batch
+        else:
+            self._first = (position, start, batch)
+
+    def forget_first_pass(self) -> None:
+        """Read the position from the database again next time (leadership changed)."""
+        self._first = None
 
     async def claim_retry_pass(
         self, limit: int, lease: float, routes: Sequence[str], claimer: str = "retry"
@@ -245,11 +363,15 @@ class Store:
     async def record(self, plan: RecordPlan) -> None:
         """Write a plan in one transaction, for rows leased to this relay."""
         async with self._pool.connection() as conn, conn.transaction():
-            await self.write(conn, plan, self.relay_id)
+            await self.write(conn, plan)
 
     async def record_patiently(self, plan: RecordPlan, within: float) -> None:
         """:meth:`record`, riding out a database outage of up to ``within`` seconds rather
         than letting the leased rows be delivered again; then the error is raised."""
+        await self.patiently(lambda: self.record(plan), within)
+
+    async def patiently(self, work: Callable[[], Awaitable[None]], within: float) -> None:
+        """Run ``work`` again while the database is unreachable, for up to ``within`` s."""
         retrying = AsyncRetrying(
             stop=stop_after_delay(within),
             wait=RECORD_BACKOFF.delay_strategy,
@@ -258,30 +380,28 @@ class Store:
         )
         async for attempt in retrying:
             with attempt:
-                await self.record(plan)
+                await work()
 
-    async def write(
-        self, conn: psycopg.AsyncConnection[Any], plan: RecordPlan, holder: str | None
-    ) -> None:
-        """The plan's statements; ``holder`` None means the rows are locked by ``conn``."""
+    async def write(self, conn: psycopg.AsyncConnection[Any], plan: RecordPlan) -> None:
+        """The plan's statements, in the caller's transaction."""
         if plan.retried_seqs:
             # Two routes of one message may finish at once, in two transactions; each would
             # see the other's route_pending row and leave the message behind for good.
             # Locking the message rows first makes the second wait and then see the first.
             await conn.execute(self._q["lock_messages"], {"seqs": sorted(set(plan.retried_seqs))})
         if plan.finished:
-            await conn.execute(self._q["finish_first_pass"], self._finish_params(plan, holder))
+            await conn.execute(self._q["finish_first_pass"], self._finish_params(plan))
         await self._bulk(conn, "insert_deliveries", plan.deliveries)
         await self._bulk(conn, "insert_dead_letters", plan.dead)
         await self._bulk(conn, "upsert_pending", plan.pending)
         await self._bulk(conn, "delete_pending", plan.pending_done)
-        await self._seqs(conn, "settle_fanned", plan.fanned, holder)
-        await self._seqs(conn, "release", plan.released, holder)
+        if plan.fanned:
+            await conn.execute(self._q["settle_fanned"], {"seqs": plan.fanned})
         if plan.retried_seqs:
             await conn.execute(self._q["delete_completed"], {"seqs": plan.retried_seqs})
 
-    def _finish_params(self, plan: RecordPlan, holder: str | None) -> dict[str, Any]:
-        params: dict[str, Any] = {"finished": plan.finished, "relay": holder}
+    def _finish_params(self, plan: RecordPlan) -> dict[str, Any]:
+        params: dict[str, Any] = {"finished": plan.finished}
         for prefix, rows, names in (
             ("d", plan.finished_deliveries, ("seq", "route", "attempts", "partition", "offset")),
             ("x", plan.finished_dead, ("seq", "route", "attempts", "reason", "error", "status")),
@@ -293,12 +413,6 @@ class Store:
     async def _bulk(self, conn: psycopg.AsyncConnection[TupleRow], name: str, rows: Rows) -> None:
         if len(rows):
             await conn.execute(self._q[name], rows.columns)
-
-    async def _seqs(
-        self, conn: psycopg.AsyncConnection[Any], name: str, seqs: list[int], holder: str | None
-    ) -> None:
-        if seqs:
-            await conn.execute(self._q[name], {"seqs": seqs, "relay": holder})
 
     async def schema_version(self) -> int | None:
         rows = await self._fetch("schema_version", {})
@@ -359,61 +473,6 @@ class Store:
             cur = await conn.execute(self._q[name], params)
             rows: list[TupleRow] = await cur.fetchall()
             return rows
-
-
-class HeldBatch:
-    """First-pass messages locked by an open transaction on one pooled connection.
-
-    The fast path: no row is written to claim them, and the outcome is written in the same
-    transaction. If sending is slow, :meth:`lease` converts the locks into a lease and
-    commits, so no transaction stays open across an outage. If the relay dies, the server
-    rolls the transaction back and the rows are free again at once.
-    """
-
-    def __init__(
-        self, store: Store, conn: psycopg.AsyncConnection[Any] | None, messages: list[Outbound]
-    ) -> None:
-        self._store = store
-        self._conn = conn
-        self.messages = messages
-
-    def _take(self) -> psycopg.AsyncConnection[Any]:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            raise RuntimeError("this held batch is already finished")
-        return conn
-
-    async def commit(self, plan: RecordPlan) -> None:
-        """Write the outcome in the claiming transaction and commit."""
-        conn = self._take()
-        try:
-            await self._store.write(conn, plan, None)
-            await conn.commit()
-        except BaseException:
-            await self._store.release_connection(conn, rollback=True)
-            raise
-        await self._store.release_connection(conn, rollback=False)
-
-    async def lease(self, seconds: float) -> None:
-        """Keep the rows as a lease of this relay and end the transaction."""
-        conn = self._take()
-        params = {
-            "seqs": [m.seq for m in self.messages],
-            "relay": self._store.relay_id,
-            "lease": dt.timedelta(seconds=seconds),
-        }
-        try:
-            await conn.execute(self._store.statement("lease_held"), params)
-            await conn.commit()
-        except BaseException:
-            await self._store.release_connection(conn, rollback=True)
-            raise
-        await self._store.release_connection(conn, rollback=False)
-
-    async def abandon(self) -> None:
-        """Roll back: the rows are free for the next claim."""
-        if self._conn is not None:
-            await self._store.release_connection(self._take(), rollback=True)
 
 
 async def listen(conninfo: str, schema: str, wake: asyncio.Event, stop: asyncio.Event) -> None:

@@ -1,37 +1,35 @@
 -- Every statement the relay runs. {schema} is replaced by the quoted schema identifier;
 -- values are always bound parameters.
 
--- name: hold_first_pass
--- Oldest messages not yet on their first pass, locked by this relay's open transaction
--- while the batch is sent (no row is written to claim it). A keyed message is claimed only
--- by the relay holding its bucket's lease, and only while no handoff of that bucket is
--- pending; keyless messages go to any relay. A keyed message is also skipped while an
--- earlier message of its key is leased to another relay (e.g. one whose send was slow and
--- then crashed): that lease must end first, or per-key order could break. This relay's own
--- leases do not block: it sends its batches strictly one after another.
-SELECT m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
-       m.idempotency_key, m.created_at, 0 AS attempts, NULL::text AS route
-  FROM {schema}.message m
- WHERE NOT m.fanned
-   AND (m.claimed_until IS NULL OR m.claimed_until < now())
-   AND (m.msg_key IS NULL OR m.bucket = ANY(ARRAY(
-        SELECT b.bucket FROM {schema}.bucket_lease b JOIN {schema}.relay r ON r.relay_id = b.holder
-         WHERE b.holder = %(relay)s AND b.successor IS NULL AND r.expires_at > now())))
-   AND (m.msg_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM {schema}.message e
-         WHERE e.topic = m.topic AND e.msg_key = m.msg_key AND e.seq < m.seq
-           AND NOT e.fanned AND e.claimed_until >= now()
-           AND e.claimed_by <> %(relay)s))
- ORDER BY m.seq
- LIMIT %(limit)s
-   FOR UPDATE OF m SKIP LOCKED
+-- name: first_pass_position
+-- The first pass's cursor: its newest position row (a backward scan of the primary key
+-- reaches it first, however many older rows wait for vacuum).
+SELECT position_id, start_tick, end_tick, after_seq
+  FROM {schema}.first_pass
+ ORDER BY position_id DESC
+ LIMIT 1
 
--- name: lease_held
--- A held batch whose send is slow: turn the row locks into a lease and commit, so no
--- transaction stays open across a broker outage.
-UPDATE {schema}.message
-   SET claimed_by = %(relay)s, claimed_until = now() + %(lease)s
- WHERE seq = ANY(%(seqs)s::bigint[])
+-- name: move_first_pass
+-- Move the cursor from position %(prev)s, only if nobody moved it since (the unique prev_id:
+-- a second mover finds the conflict, after waiting for the first to commit) and only if
+-- this relay still holds bucket 0 with a live lease (the first pass is read by that relay).
+-- No row comes back when either fails: the caller rolls back and records nothing.
+INSERT INTO {schema}.first_pass (prev_id, start_tick, end_tick, after_seq, relay_id)
+SELECT %(prev)s, %(start)s, %(end)s, %(after)s, %(relay)s
+ WHERE EXISTS (SELECT 1 FROM {schema}.bucket_lease b JOIN {schema}.relay r ON r.relay_id = b.holder
+                WHERE b.bucket = 0 AND b.holder = %(relay)s AND r.expires_at > now())
+ON CONFLICT (prev_id) DO NOTHING
+RETURNING position_id
+
+-- name: forget_first_pass_rows
+-- After a move: the position it replaced and, when a batch is done, the tick it started
+-- from. Exact rows, never a range, so dead rows kept by a long transaction are never walked.
+WITH p AS (
+    DELETE FROM {schema}.first_pass WHERE position_id = %(prev)s
+), t AS (
+    DELETE FROM {schema}.tick WHERE tick_id = %(tick)s::bigint
+)
+SELECT 1
 
 -- name: any_route_pending
 SELECT EXISTS (SELECT 1 FROM {schema}.route_pending)
@@ -84,10 +82,9 @@ RETURNING m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
 -- name: finish_first_pass
 -- One statement for the common case: the messages are done on every route. They leave the
 -- hot table and their delivery (and dead-letter) rows are written from what was deleted.
--- %(relay)s is the lease holder, or NULL when the rows are locked by this transaction.
 WITH gone AS (
     DELETE FROM {schema}.message m
-     WHERE m.seq = ANY(%(finished)s::bigint[]) AND (%(relay)s::text IS NULL OR m.claimed_by = %(relay)s)
+     WHERE m.seq = ANY(%(finished)s::bigint[])
     RETURNING m.*
 ), delivered AS (
     INSERT INTO {schema}.delivery (message_id, seq, route, topic, msg_key, payload,
@@ -163,14 +160,10 @@ DELETE FROM {schema}.route_pending p
  WHERE p.seq = d.seq AND p.route = d.route
 
 -- name: settle_fanned
+-- Messages the first pass left with pending routes: they stay until those finish.
 UPDATE {schema}.message
-   SET fanned = true, claimed_by = NULL, claimed_until = NULL
- WHERE seq = ANY(%(seqs)s::bigint[]) AND (%(relay)s::text IS NULL OR claimed_by = %(relay)s)
-
--- name: release
-UPDATE {schema}.message
-   SET claimed_by = NULL, claimed_until = NULL
- WHERE seq = ANY(%(seqs)s::bigint[]) AND (%(relay)s::text IS NULL OR claimed_by = %(relay)s)
+   SET fanned = true
+ WHERE seq = ANY(%(seqs)s::bigint[])
 
 -- name: analyze_pending
 -- Statistics for the claim's plan: the first pass can queue thousands of rows for a lane
@@ -192,15 +185,12 @@ DELETE FROM {schema}.message m
    AND NOT EXISTS (SELECT 1 FROM {schema}.route_pending p WHERE p.seq = m.seq)
 
 -- name: release_all_of_relay
--- On shutdown: hand back whatever this relay still holds.
-WITH a AS (
-    UPDATE {schema}.message SET claimed_by = NULL, claimed_until = NULL
-     WHERE claimed_by = %(relay)s RETURNING 1
-), b AS (
+-- On shutdown: hand back the retries this relay still holds.
+WITH b AS (
     UPDATE {schema}.route_pending SET claimed_by = NULL, claimed_until = NULL
      WHERE claimed_by = %(relay)s RETURNING 1
 )
-SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)
+SELECT count(*) FROM b
 
 -- name: next_due
 SELECT extract(epoch FROM min(available_at) - now()) FROM {schema}.route_pending

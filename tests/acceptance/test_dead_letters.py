@@ -62,7 +62,7 @@ def _messages(database_url: str) -> list[tuple[Any, ...]]:
     return query(
         database_url,
         "SELECT seq, id, topic, msg_key, payload, content_type, headers, idempotency_key,"
-        " bucket, created_at, fanned, claimed_by, claimed_until FROM outbox.message ORDER BY seq",
+        " bucket, created_at, fanned FROM outbox.message ORDER BY seq",
     )
 
 
@@ -261,16 +261,13 @@ def test_retry_of_a_route_letter_queues_the_same_message_for_that_route_only(
     assert HOOK in out
     assert _dead_count(database_url) == 0
     [message] = _messages(database_url)
-    seq, id_, topic, key, payload, ctype, headers, idem, m_bucket, m_created, fanned, by, until = (
-        message
-    )
+    seq, id_, topic, key, payload, ctype, headers, idem, m_bucket, m_created, fanned = message
     assert (id_, topic, bytes(key), bytes(payload)) == (
         message_id, "orders.created", b"order-7", b'{"order_id": 7}',
     )  # fmt: skip
     assert (ctype, headers, idem) == ("application/json", {"tenant": "acme"}, "order-7-created")
     assert (m_bucket, m_created) == (bucket, created_at)
     assert fanned is True, "already routed: only the route that dead-lettered it gets it again"
-    assert by is None and until is None
     [pending] = _pending(database_url)
     assert pending == (seq, HOOK, "orders.created", b"order-7", bucket, 0, True, None, None, None)
 

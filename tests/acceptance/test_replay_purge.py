@@ -61,7 +61,7 @@ def _messages(database_url: str) -> list[tuple[Any, ...]]:
     return query(
         database_url,
         "SELECT seq, id, topic, msg_key, payload, content_type, headers, idempotency_key,"
-        " bucket, created_at, fanned, claimed_by FROM outbox.message ORDER BY seq",
+        " bucket, created_at, fanned FROM outbox.message ORDER BY seq",
     )
 
 
@@ -113,13 +113,11 @@ def test_replay_requeues_the_same_messages_for_that_route_only(database_url: str
     assert out == f"replayed 3 message(s) of topic {TOPIC} to route {HOOK}\n"
     messages = _messages(database_url)
     assert [m[1] for m in messages] == [first, second, keyless], "in delivery order"
-    (seq0, _, topic0, key0, payload0, ctype0, headers0, idem0, bucket0, _, fanned0, by0) = messages[
-        0
-    ]
+    (seq0, _, topic0, key0, payload0, ctype0, headers0, idem0, bucket0, _, fanned0) = messages[0]
     assert (topic0, bytes(key0), bytes(payload0), ctype0) == (
         TOPIC, b"k0", b'{"n": 0}', "application/json",
     )  # fmt: skip
-    assert (headers0, idem0, fanned0, by0) == ({"tenant": "acme"}, "order-0", True, None)
+    assert (headers0, idem0, fanned0) == ({"tenant": "acme"}, "order-0", True)
     assert bucket0 == scalar(database_url, "SELECT outbox.key_bucket('k0'::bytea)")
     assert messages[1][8] == scalar(database_url, "SELECT outbox.key_bucket('k1'::bytea)")
     assert messages[2][3] is None and messages[2][7] == "order-2"

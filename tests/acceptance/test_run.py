@@ -143,7 +143,7 @@ def test_sigterm_mid_stream_releases_claims_so_a_restarted_relay_delivers_the_re
     small_batches = ("--batch-size", str(batch))
 
     # The test holds the delivery log, so the first relay's first batch, sent, waits to be
-    # recorded (with the next batch prefetched and locked) until SIGTERM has arrived: the
+    # recorded until SIGTERM has arrived: the
     # signal always lands mid-stream, however fast the machine drains.
     with psycopg.connect(database_url) as blocker:
         blocker.execute("LOCK TABLE outbox.delivery IN SHARE MODE")
@@ -161,9 +161,10 @@ def test_sigterm_mid_stream_releases_claims_so_a_restarted_relay_delivers_the_re
     left = scalar(database_url, "SELECT count(*) FROM outbox.message")
     # The batch in flight was finished and recorded; the relay claimed nothing after it.
     assert left == count - batch, first.output
-    # Whatever the stopped relay held was finished or released, not left under its lease.
+    # The stopped relay gave its buckets back: the next one reads the first pass at once.
     assert (
-        scalar(database_url, "SELECT count(*) FROM outbox.message WHERE claimed_until > now()") == 0
+        scalar(database_url, "SELECT count(*) FROM outbox.bucket_lease WHERE holder IS NOT NULL")
+        == 0
     )
     assert scalar(database_url, "SELECT count(*) FROM outbox.route_pending") == 0
 
@@ -310,7 +311,7 @@ def test_run_on_an_outdated_schema_names_both_versions(
 
 NEWER_FORMAT = (
     "CREATE OR REPLACE FUNCTION outbox.relay_format() RETURNS integer LANGUAGE sql "
-    "AS $$ SELECT 2 $$"
+    "AS $$ SELECT 3 $$"
 )
 
 
@@ -324,7 +325,7 @@ def test_run_on_a_schema_migrated_for_newer_relays_refuses_to_start(
 
     assert result.returncode == 1, result.stderr
     [line] = error_lines(result.stderr)
-    assert "was migrated for a newer outbox-relay (first-pass format 2;" in line
+    assert "was migrated for a newer outbox-relay (first-pass format 3;" in line
     assert "upgrade the relay" in line
     assert scalar(database_url, "SELECT count(*) FROM outbox.relay") == 0
 

@@ -37,12 +37,9 @@ relays      ``--relay-counts`` (1,2,3) ``python -m relay.cli run`` processes dra
             moment all N have started and receive their even share of the 256 key buckets
             at once (the benchmark holds every bucket while they start, then lets go) until
             ``message`` is empty; buckets and deliveries per relay, SQL and topic checks as
-            for relay. Then, once, what the leases cost one relay holding all 256 buckets:
-            the real claim query with and without its bucket-ownership filter (median of 20
-            each, rolled back) and the heartbeat transaction (median of 50). Details and why
-            it is timed this way: relays.py. On a 2-core machine, 2 and 3 relays compete with
-            PostgreSQL and the broker for the same cores: the rate says what this box does,
-            not how far relays scale.
+            for relay. Details and why it is timed this way: relays.py. On a 2-core
+            machine, 2 and 3 relays compete with PostgreSQL and the broker for the same
+            cores: the rate says what this box does, not how far relays scale.
             raw, relay and relays run ``--repeat`` times, interleaved; the median run is shown.
 naive       the loop most people write: SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED, produce,
             flush, DELETE, COMMIT per message; capped at ``--naive-seconds``, rest extrapolated.
@@ -98,12 +95,12 @@ from .codeinfo import code_version
 from .fs_outbox import FS_WORKERS, FsConfig, faststream_outbox
 from .latency import Pace, steady_latency
 from .machine import CpuWatch, Load
-from .relays import lease_cost, processes, relays_drain
-from .results import Latency, LeaseCost, Throughput, failed, median_of_runs
+from .relays import processes, relays_drain
+from .results import Latency, Throughput, failed, median_of_runs
 from .throughput import Drain, naive_relay, raw_produce, relay_drain
 
 SCENARIOS = ("raw", "relay", "relays", "naive", "faststream", "latency", "webhooks")
-Result = Throughput | Latency | LeaseCost
+Result = Throughput | Latency
 R = TypeVar("R", bound=Result)
 # Other processes using more than this many cores during a scenario make its figures suspect.
 NOISY_CORES = 0.25
@@ -212,7 +209,6 @@ class Run:
         self.cpu = cpu
         self.throughput: list[Throughput] = []
         self.latency: list[Latency] = []
-        self.leases: list[LeaseCost] = []
 
     def all(self) -> None:
         plan = self._plan()
@@ -228,8 +224,6 @@ class Run:
         steps: list[tuple[str, Callable[[], Result]]] = []
         for run in range(1, a.repeat + 1):
             steps += self._repeated(f" (run {run} of {a.repeat})" if a.repeat > 1 else "")
-        if "relays" in a.only:
-            steps.append(("bucket-lease cost, 1 relay", _bind(lease_cost, t, a.batch_sizes[0])))
         if "naive" in a.only:
             steps.append(("naive relay", lambda: naive_relay(t, a.naive_seconds)))
         if "faststream" in a.only:
@@ -284,11 +278,6 @@ class Run:
             self.latency.append(result)
             cuts = result.percentiles()
             self.console.print(f"p50 {cuts.get('p50', 0):.1f} ms, p99 {cuts.get('p99', 0):.1f} ms")
-        elif isinstance(result, LeaseCost):
-            self.leases.append(result)
-            self.console.print(f"claim {result.claim_ms:.2f} ms with the bucket filter, "
-                               f"{result.claim_ms_unfiltered:.2f} ms without; heartbeat "
-                               f"{result.heartbeat_ms:.2f} ms")  # fmt: skip
         else:
             self.throughput.append(result)
             rate = f"{result.rate:,.0f} msg/s" if result.rate else result.status
@@ -387,15 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - began
     title = headline(workload, env)
     run.throughput = median_of_runs(run.throughput)
-    report.show(console, run.throughput, run.latency, title, run.leases)
+    report.show(console, run.throughput, run.latency, title)
     if hooks is not None:
         hooks.meta = {"args": {"from": "bench.py", **_webhook_args(args)}}
         webhooks.publish(hooks, console, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"args": {k: v for k, v in vars(args).items() if k not in ("database_url", "out")},
             "environment": env, "total_seconds": total}  # fmt: skip
-    report.write_json(args.out / "results.json", meta, run.throughput, run.latency, run.leases)
-    report.plot(args.out / "bench.png", run.throughput, run.latency, title, run.leases)
+    report.write_json(args.out / "results.json", meta, run.throughput, run.latency)
+    report.plot(args.out / "bench.png", run.throughput, run.latency, title)
     console.print(f"full run {total:.0f} s; wrote {args.out / 'results.json'} and "
                   f"{args.out / 'bench.png'}")  # fmt: skip
     return 0

@@ -45,6 +45,9 @@ SELECT b.id, %(topic)s, b.msg_key, b.payload, 'application/json', b.headers,
  WHERE b.n > %(after)s AND b.n <= %(upto)s
  ORDER BY b.n
 
+-- name: take_xid
+SELECT pg_current_xact_id()
+
 -- name: pin_snapshot
 -- A session that keeps a snapshot open (what a long report or a forgotten transaction does):
 -- run in a REPEATABLE READ transaction left open, it holds back the cluster's xmin, so

@@ -1,4 +1,4 @@
-"""Several relay processes sharing one database, and what the bucket leases cost one relay.
+"""Several relay processes sharing one database.
 
 **Drain with N relays.** The backlog is bulk-loaded (``workload.load_outbox``: one
 INSERT ... SELECT committed, then a CHECKPOINT; no VACUUM, no ANALYZE: the table is as the
@@ -24,11 +24,6 @@ The poll interval stays at the relay's default (1 s, as in the ``relay`` scenari
 gate's NOTIFY wakes every relay at once, and a relay that runs out of its own buckets early
 would otherwise re-scan the others' rows every few milliseconds, a cost no deployment pays.
 
-**Lease cost.** On the same backlog, one relay holding all 256 buckets: the real
-``hold_first_pass`` claim against the same text without its bucket-ownership clause, each
-run inside a rolled-back transaction, interleaved, with the relay's session options; and the
-heartbeat transaction (``Membership.heartbeat``) of a relay holding all 256 buckets.
-
 The machine may have as few cores as relays: N relay processes then compete with PostgreSQL,
 the broker and each other for CPU, and the figures say so.
 """
@@ -40,7 +35,6 @@ import contextlib
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,31 +45,20 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
-from outbox_lib._sqlfiles import load_queries, with_schema
-from relay.config import Settings
 from relay.db import to_libpq
 from relay.membership import Membership
-from relay.ownership import BUCKETS
-from relay.store import _session_options
 
 from . import workload as w
-from .results import LeaseCost, Throughput
+from .results import Throughput
 from .throughput import drain_note, drained, loaded_backlog
 
 GATE_ID = "bench-gate"
-CLAIMER_ID = "bench-claimer"
-GATE_LEASE_S = 3600.0  # the gate and the claim probe must never lose their buckets mid-run
+GATE_LEASE_S = 3600.0  # the gate must never lose its buckets mid-run
 POLL_INTERVAL_S = 1.0  # the relay's default; the gate's NOTIFY wakes the relays
 EMPTY_POLL_S = 0.01
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
-CLAIMS = 20
-CLAIM_WARMUP = 5  # psycopg prepares a statement on its 5th execution, as in the relay
-HEARTBEATS = 50
-BUCKET_FILTER = "AND (m.msg_key IS NULL OR m.bucket = ANY("
-FILTERED, UNFILTERED = "with bucket filter", "without bucket filter"
 STARTED = re.compile(r"relay (\S+) started:")
 STOPPED = re.compile(r"relay (\S+) stopped: (\d+) delivered")
 REPO = Path(__file__).resolve().parents[2]
@@ -266,114 +249,3 @@ def _note(run: GatedDrain, checks: dict[str, Any]) -> str:
     if run.exit_codes != [0] * count:
         note += f"; exit codes {run.exit_codes}"
     return note if run.drained else note + "; NOT DRAINED (timeout or a relay died)"
-
-
-# --- what the leases cost one relay ---------------------------------------------------------
-
-
-def without_bucket_filter(statement: str) -> str:
-    """``hold_first_pass`` without its bucket-ownership clause ``AND (... ANY(ARRAY(...)))``."""
-    start = statement.find(BUCKET_FILTER)
-    if start < 0:
-        raise ValueError(f"hold_first_pass has no clause starting {BUCKET_FILTER!r}")
-    depth = 0
-    for end in range(start + len("AND "), len(statement)):
-        depth += {"(": 1, ")": -1}.get(statement[end], 0)
-        if depth == 0:
-            return statement[:start] + statement[end + 1 :].lstrip(" ")
-    raise ValueError("hold_first_pass: unbalanced parentheses in the bucket filter")
-
-
-def claim_statements(schema: str) -> dict[str, sql.Composed]:
-    """The relay's real claim, and the same text without the bucket filter."""
-    text = load_queries("relay", "sql/queries.sql")["hold_first_pass"]
-    return {FILTERED: with_schema(text, schema),
-            UNFILTERED: with_schema(without_bucket_filter(text), schema)}  # fmt: skip
-
-
-def _claim_ms(conn: psycopg.Connection[Any], statement: sql.Composed,
-              params: dict[str, Any]) -> float:  # fmt: skip
-    """One claim (execute + fetch) in a transaction rolled back afterwards, in ms."""
-    with conn.transaction(force_rollback=True):
-        started = time.perf_counter()
-        rows = conn.execute(statement, params).fetchall()
-        ms = 1000 * (time.perf_counter() - started)
-    if len(rows) != params["limit"]:
-        raise RuntimeError(f"a claim locked {len(rows)} rows, expected {params['limit']}")
-    return ms
-
-
-def _explain(conn: psycopg.Connection[Any], statement: sql.Composed,
-             params: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """EXPLAIN (ANALYZE, BUFFERS) of one claim: server time and buffers touched."""
-    with conn.transaction(force_rollback=True):
-        row = conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + statement,
-                           params).fetchone()  # fmt: skip
-    assert row is not None
-    plan = row[0][0]
-    return {"execution_ms": plan["Execution Time"], "planning_ms": plan["Planning Time"],
-            "shared_buffers_hit": plan["Plan"].get("Shared Hit Blocks"),
-            "shared_buffers_read": plan["Plan"].get("Shared Read Blocks")}  # fmt: skip
-
-
-def time_claims(conninfo: str, schema: str, limit: int) -> tuple[dict[str, list[float]],
-                                                                  dict[str, Any]]:  # fmt: skip
-    """Both claims ``CLAIMS`` times each, interleaved, after a warm-up; then one EXPLAIN each.
-
-    The connection has the relay's session options (jit off) and psycopg's default prepare
-    threshold, so the statements run as the relay runs them.
-    """
-    statements = claim_statements(schema)
-    params = {"relay": CLAIMER_ID, "limit": limit}
-    times: dict[str, list[float]] = {name: [] for name in statements}
-    options = _session_options(Settings().hold_seconds)
-    with psycopg.connect(conninfo, autocommit=True, options=options) as conn:
-        for iteration in range(CLAIM_WARMUP + CLAIMS):
-            for name, statement in statements.items():
-                ms = _claim_ms(conn, statement, params)
-                if iteration >= CLAIM_WARMUP:
-                    times[name].append(ms)
-        plans = {name: _explain(conn, s, params) for name, s in statements.items()}
-    return times, plans
-
-
-async def time_heartbeats(url: str, schema: str) -> tuple[list[float], float]:
-    """Join as the only relay (all 256 buckets, for the claims too), then time heartbeats;
-    (ms of each, WAL bytes per heartbeat)."""
-    member = Membership(to_libpq(url), schema, CLAIMER_ID, GATE_LEASE_S, GATE_LEASE_S / 3)
-    try:
-        await member.heartbeat()
-        if len(member.buckets) != BUCKETS:
-            raise RuntimeError(f"the claim probe holds {len(member.buckets)} buckets")
-        wal_before, times = w.wal_lsn(url), []
-        for _ in range(HEARTBEATS):
-            started = time.perf_counter()
-            await member.heartbeat()
-            times.append(1000 * (time.perf_counter() - started))
-        return times, w.wal_bytes_since(url, wal_before) / HEARTBEATS
-    finally:
-        await member.close()
-
-
-def lease_cost(target: w.Target, batch_size: int) -> LeaseCost:
-    """Claim with and without the bucket filter, and the heartbeat, on the whole backlog."""
-    schema = "bench_leases"
-    # Never sent: no topic needed.
-    w.load_outbox(target.database_url, schema, "bench.leases", upto=target.workload.messages)
-    try:
-        heartbeats, wal = asyncio.run(time_heartbeats(target.database_url, schema))
-        claims, plans = time_claims(to_libpq(target.database_url), schema, batch_size)
-    finally:
-        w.drop_schema(target.database_url, schema)
-    return LeaseCost(
-        f"bucket leases, 1 relay holding all {BUCKETS} buckets", batch_size,
-        claim_ms=statistics.median(claims[FILTERED]),
-        claim_ms_unfiltered=statistics.median(claims[UNFILTERED]),
-        heartbeat_ms=statistics.median(heartbeats),
-        note=(f"median of {CLAIMS} each, interleaved, rolled back; the oldest {batch_size:,} "
-              f"of {target.workload.messages:,} messages, 1 relay holding all {BUCKETS} buckets"),
-        details={"claims_ms": claims, "explain": plans, "heartbeats_ms": heartbeats,
-                 "wal_bytes_per_heartbeat": wal,
-                 "heartbeat_note": f"median of {HEARTBEATS}; holding all {BUCKETS} buckets, "
-                                   f"no moves; {wal:,.0f} B WAL each"},
-    )  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .results import Latency, LeaseCost, Throughput
+from .results import Latency, Throughput
 
 FLOOR_MSG_S = 20_000
 RELAY_PREFIX = "outbox-relay, batch"
@@ -66,8 +66,8 @@ def phases_table(rows: list[Throughput]) -> Table | None:
     if not relays:
         return None
     table = Table(
-        title="outbox-relay drain: time inside each call (claims overlap sends: shares can "
-        "add up past 100%)", title_justify="left",
+        title="outbox-relay drain: time inside each call (share of the drain's wall time)",
+        title_justify="left",
     )  # fmt: skip
     table.add_column("call", no_wrap=True)
     for row in relays:
@@ -121,53 +121,24 @@ def _ratio(rate: float | None, base: float | None) -> str:
     return f"{rate / base:.0%}" if rate and base else "-"
 
 
-def lease_table(rows: list[LeaseCost]) -> Table:
-    table = Table(title="What the bucket leases cost one relay", title_justify="left")
-    for name in ("figure", "ms", "notes"):
-        table.add_column(name, justify="right" if name == "ms" else "left",
-                         no_wrap=name != "notes")  # fmt: skip
-    for row in rows:
-        size, plans = row.batch_size, row.details.get("explain", {})
-        explained = _explained(plans.get("with bucket filter"))
-        table.add_row(f"claim of {size:,}, with the bucket filter", f"{row.claim_ms:.2f}",
-                      "; ".join(filter(None, (row.note, explained))))  # fmt: skip
-        table.add_row(f"claim of {size:,}, filter removed", f"{row.claim_ms_unfiltered:.2f}",
-                      _explained(plans.get("without bucket filter")))  # fmt: skip
-        table.add_row("  filter cost per claim", f"{row.filter_ms:+.2f}", "")
-        table.add_row("  filter cost per 1,000 messages", f"{row.filter_ms_per_1000:+.2f}", "")
-        table.add_row("heartbeat transaction", f"{row.heartbeat_ms:.2f}",
-                      row.details.get("heartbeat_note", ""))  # fmt: skip
-    return table
-
-
-def _explained(plan: dict[str, Any] | None) -> str:
-    if not plan:
-        return ""
-    return (f"EXPLAIN ANALYZE: {plan['execution_ms']:.2f} ms in the server, "
-            f"{plan['shared_buffers_hit'] or 0:,} buffers hit")  # fmt: skip
-
-
 def show(console: Console, throughput: list[Throughput], latency: list[Latency],
-         headline: str, leases: list[LeaseCost] | None = None) -> None:  # fmt: skip
+         headline: str) -> None:  # fmt: skip
     if throughput:
         console.print(throughput_table(throughput, headline))
         for table in (phases_table(throughput), relays_table(throughput)):
             if table is not None:
                 console.print(table)
-    if leases:
-        console.print(lease_table(leases))
     if latency:
         console.print(latency_table(latency))
 
 
 def write_json(path: Path, meta: dict[str, Any], throughput: list[Throughput],
-               latency: list[Latency], leases: list[LeaseCost] | None = None) -> None:  # fmt: skip
+               latency: list[Latency]) -> None:  # fmt: skip
     document = {
         **meta,
         "floor_msg_per_s": FLOOR_MSG_S,
         "throughput": [r.to_json() for r in throughput],
         "latency": [_latency_json(r) for r in latency],
-        "lease_cost": [r.to_json() for r in leases or []],
     }
     path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
 
@@ -178,8 +149,7 @@ def _latency_json(row: Latency) -> dict[str, Any]:
     return data
 
 
-def plot(path: Path, throughput: list[Throughput], latency: list[Latency], headline: str,
-         leases: list[LeaseCost] | None = None) -> None:  # fmt: skip
+def plot(path: Path, throughput: list[Throughput], latency: list[Latency], headline: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +162,7 @@ def plot(path: Path, throughput: list[Throughput], latency: list[Latency], headl
     _bars(axes[0], throughput)
     _cdf(axes[1], latency)
     if shared:
-        _scaling(axes[2], shared, throughput, leases or [])
+        _scaling(axes[2], shared, throughput)
     fig.suptitle(headline)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -227,9 +197,8 @@ def _color(row: Throughput) -> str:
     return "#457b9d" if PROCESSES in row.details else "#8d99ae"
 
 
-def _scaling(ax: Any, shared: list[Throughput], rows: list[Throughput],
-             leases: list[LeaseCost]) -> None:  # fmt: skip
-    """msg/s per number of relay processes, the in-process relay as a line, lease costs."""
+def _scaling(ax: Any, shared: list[Throughput], rows: list[Throughput]) -> None:
+    """msg/s per number of relay processes, the in-process relay as a line."""
     counts = [r.details[PROCESSES] for r in shared]
     bars = ax.bar([str(n) for n in counts], [r.rate for r in shared], color="#457b9d")
     for bar, row in zip(bars, shared, strict=True):
@@ -245,11 +214,6 @@ def _scaling(ax: Any, shared: list[Throughput], rows: list[Throughput],
     ax.set_ylabel("messages / s")
     ax.set_title(f"relays sharing one database\n({shared[0].details.get('cpus')} CPUs in all, "
                  "with PostgreSQL and the broker)", fontsize=10)  # fmt: skip
-    for lease in leases:
-        ax.text(0.02, 0.98, f"claim of {lease.batch_size:,}: {lease.claim_ms:.2f} ms with the "
-                f"bucket filter,\n{lease.claim_ms_unfiltered:.2f} ms without; heartbeat "
-                f"{lease.heartbeat_ms:.2f} ms", transform=ax.transAxes, fontsize=7,
-                color="#6c757d", va="top")  # fmt: skip
 
 
 def _cdf(ax: Any, rows: list[Latency]) -> None:

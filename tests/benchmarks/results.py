@@ -1,4 +1,4 @@
-"""What a scenario reports: a throughput figure, a latency distribution or a lease cost."""
+"""What a scenario reports: a throughput figure or a latency distribution."""
 
 from __future__ import annotations
 
@@ -65,34 +65,6 @@ class Latency:
         data = asdict(self)
         data["percentiles_ms"] = self.percentiles()
         return data
-
-
-@dataclass
-class LeaseCost:
-    """What the bucket leases cost one relay: its claim with and without the bucket filter
-    (median ms per claim of ``batch_size``), and one heartbeat transaction (median ms)."""
-
-    scenario: str
-    batch_size: int
-    claim_ms: float
-    claim_ms_unfiltered: float
-    heartbeat_ms: float
-    status: Status = "ok"
-    note: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def filter_ms(self) -> float:
-        """What the bucket filter adds to one claim."""
-        return self.claim_ms - self.claim_ms_unfiltered
-
-    @property
-    def filter_ms_per_1000(self) -> float:
-        return 1000 * self.filter_ms / self.batch_size
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "filter_ms_per_claim": self.filter_ms,
-                "filter_ms_per_1000_messages": self.filter_ms_per_1000}  # fmt: skip
 
 
 def unavailable(scenario: str, why: str) -> Throughput:

@@ -106,11 +106,12 @@ class Phases:
     """
 
     LABELS = (
-        ("hold_first_pass", "claim: lock a batch (SQL + rows to objects)"),
+        ("read_first_pass", "first pass: read a batch chunk (SQL + rows to objects)"),
         ("any_route_pending", "route_pending probe (SQL)"),
         ("blocked_keys", "blocked-keys check (SQL)"),
         ("claim_retry_pass", "retry claim (SQL)"),
-        ("write", "record: DELETE ... INSERT delivery (claim's transaction)"),
+        ("record_first_pass", "record: DELETE ... INSERT delivery, move the cursor"),
+        ("record", "retry record (SQL)"),
         ("seconds_until_due", "idle check (SQL)"),
     )
 
@@ -140,7 +141,8 @@ class Phases:
     def breakdown(self, total: float) -> dict[str, dict[str, float]]:
         """Per call kind: seconds inside it, share of the drain's wall time, ms per call.
 
-        Shares can add up past 100%: the engine claims the next batch while sending this one.
+        The first pass reads, sends and records one chunk after another, so for a Kafka
+        drain the shares add up to at most 100%.
         """
         return {
             label: {"seconds": spent, "share_of_wall": spent / total, "calls": self.calls[label],

@@ -142,6 +142,10 @@ class RelayThread:
     def delivered(self) -> int:
         return self.engine.stats.delivered if self.engine else 0
 
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` on the relay's event loop (e.g. set an asyncio.Event there)."""
+        self._loop.call_soon_threadsafe(callback)
+
     def wait_delivered(self, count: int, timeout: float = 30.0) -> None:
         wait_until(
             lambda: self.delivered >= count or self.error is not None,

@@ -44,6 +44,8 @@ CATALOG = {
     "relations": """
         SELECT relname, relkind::text, relpersistence::text, coalesce(reloptions, '{}')::text
           FROM pg_class WHERE relnamespace = to_regnamespace(%(s)s) ORDER BY 1""",
+    # By name, not position: a down-migration adds a column the up-migration dropped back at
+    # the end of its table (0009 and message.claimed_by).
     "columns": """
         SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
                pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, a.attgenerated::text
@@ -51,7 +53,7 @@ CATALOG = {
           JOIN pg_class c ON c.oid = a.attrelid
           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
          WHERE c.relnamespace = to_regnamespace(%(s)s) AND a.attnum > 0 AND NOT a.attisdropped
-         ORDER BY c.relname, a.attnum""",
+         ORDER BY c.relname, a.attname""",
     "constraints": """
         SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
           FROM pg_constraint WHERE connamespace = to_regnamespace(%(s)s) ORDER BY 1, 2""",
@@ -180,7 +182,7 @@ def test_upgrade_head_equals_migrate_and_leaves_migrate_nothing(
     # The app's own tables and Alembic's stayed on the app's search_path.
     assert fetch(database_url, "SELECT to_regclass('public.orders') IS NOT NULL") == [(True,)]
     assert fetch(database_url, "SELECT version_num FROM public.alembic_version") == [
-        ("0005_outbox_8",)
+        ("0006_outbox_9",)
     ]
 
 
@@ -253,7 +255,7 @@ def test_downgrade_refuses_to_drop_objects_the_app_put_in_the_schema(
         command.downgrade(cfg, "0001_orders")
     # Rolled back as a whole: still at head, view and all.
     assert catalog(database_url)["history"] == reference[HEAD]["history"]
-    assert fetch(database_url, "SELECT version_num FROM alembic_version") == [("0005_outbox_8",)]
+    assert fetch(database_url, "SELECT version_num FROM alembic_version") == [("0006_outbox_9",)]
 
 
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])

@@ -243,7 +243,8 @@ def test_sigterm_with_backlog_exits_zero_and_releases_claims(
     assert relay.terminate() == 0
     left = scalar(url, "SELECT count(*) FROM outbox.message")
     assert left > 0, "stopped mid-backlog"
-    assert scalar(url, "SELECT count(*) FROM outbox.message WHERE claimed_until > now()") == 0
+    assert scalar(url, "SELECT count(*) FROM outbox.bucket_lease WHERE holder IS NOT NULL") == 0
+    assert scalar(url, "SELECT count(*) FROM outbox.route_pending WHERE claimed_until > now()") == 0
     with RelayThread(settings_for(url, kafka.bootstrap)) as successor:
         successor.wait_delivered(left, timeout=30)
     check_ledger(read_topic(kafka.bootstrap, topic_name, len(committed)), committed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Iterator
 from importlib import resources
@@ -14,7 +13,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 import outbox_lib
-from outbox_lib._sqlfiles import parse_queries, with_schema
+from outbox_lib._sqlfiles import parse_queries
 from tests.integration.pg_helpers import count, fetch, migrate_url, sync_engine
 
 pytestmark = pytest.mark.integration
@@ -186,38 +185,6 @@ def _plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield plan
     for child in plan.get("Plans", []):
         yield from _plan_nodes(child)
-
-
-def test_claim_query_uses_the_first_pass_index(database_url: str) -> None:
-    """Like pgqueuer's plan checks: the relay's claim must not scan the hot table, nor the
-    messages already queued for a lane (fanned), however many a slow endpoint keeps."""
-    migrate_url(database_url)
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            """
-            INSERT INTO outbox.message (topic, msg_key, payload, content_type, bucket)
-            SELECT 'orders.created',
-                   CASE WHEN g % 10 = 0 THEN NULL ELSE convert_to((g % 500)::text, 'UTF8') END,
-                   '{}'::bytea, 'application/json', g % 256
-              FROM generate_series(1, 20000) AS g
-            """
-        )
-        conn.commit()
-        conn.execute("ANALYZE outbox.message")
-        conn.commit()
-        statement = with_schema(_relay_query("hold_first_pass"), "outbox")
-        params = {"limit": 1000, "relay": "x"}
-        explain = psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + statement
-        try:
-            (plan_json,) = conn.execute(explain, params).fetchone() or (None,)
-        finally:
-            conn.rollback()
-    plan = plan_json if isinstance(plan_json, list) else json.loads(plan_json)
-    nodes = list(_plan_nodes(plan[0]["Plan"]))
-    summary = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
-    assert ("Index Scan", "message", "message_first_pass_idx") in summary, summary
-    seq_scans = [s for s in summary if s[0] == "Seq Scan" and s[1] == "message"]
-    assert seq_scans == [], summary
 
 
 def test_wakeup_notification_per_schema(database_url: str) -> None:

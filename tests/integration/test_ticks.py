@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from relay.store import relay_queries
 from relay.ticks import Batch, Row, Tick, take_tick, tick
 
 pytestmark = pytest.mark.integration
@@ -245,3 +246,27 @@ def test_batches_read_through_indexes_after_a_million_row_bulk_publish_without_a
     assert all(n["Actual Rows"] <= 1 for n in _nodes(late) if n["Node Type"] == "Sort")
     assert numbers(reader.read_all(middle, end)) == [-1]
     assert len(reader.read_all(start, middle, limit=LIMIT)) == 1_000_000
+
+    # The rest of the hot path on the same table: the record that deletes a chunk, the check
+    # of keys queued behind a retry, and the cursor's own statements.
+    chunk = [r.seq for r in reader.read_all(start, middle, limit=LIMIT)[:LIMIT]]
+    record = {"finished": chunk, **{f"d_{c}": [] for c in ("seq", "route", "attempts",
+              "partition", "offset")}, **{f"x_{c}": [] for c in ("seq", "route", "attempts",
+              "reason", "error", "status")}}  # fmt: skip
+    statements = {
+        "finish_first_pass": record,
+        "blocked_keys": {"topics": ["bulk"] * 10, "keys": [b"k"] * 10},
+        "first_pass_position": {},
+        "move_first_pass": {"prev": 1, "start": 1, "end": None, "after": 0, "relay": "r"},
+    }
+    with psycopg.connect(url) as conn:
+        for name, params in statements.items():
+            explain = psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + relay_queries(SCHEMA)[name]
+            row = conn.execute(explain, params).fetchone()
+            assert row is not None
+            nodes = list(_nodes(row[0][0]["Plan"]))
+            seq_scans = [n.get("Relation Name") for n in nodes if n["Node Type"] == "Seq Scan"]
+            assert "message" not in seq_scans, (name, seq_scans)
+            sorts = [n for n in nodes if n["Node Type"] == "Sort"]
+            assert not sorts or name == "blocked_keys", (name, sorts)
+        conn.rollback()

@@ -106,7 +106,7 @@ def test_first_pass_all_delivered_finishes_with_delivery_rows() -> None:
         "offset": [10, None, 5],
     }
     assert len(p.finished_dead) == len(p.pending) == len(p.deliveries) == 0
-    assert p.fanned == p.released == []
+    assert p.fanned == []
     assert (p.delivered_count, p.dead_count) == (3, 0)
 
 
@@ -124,12 +124,15 @@ def test_first_pass_without_route_is_dead_under_no_route() -> None:
     assert p.dead_count == 1
 
 
-def test_first_pass_all_routes_unavailable_only_releases() -> None:
+def test_first_pass_all_routes_unavailable_queues_each_route() -> None:
+    """The first pass moves past it: each route retries it on its own, no attempt spent."""
     down = Pending(0, 2.0, "_TRANSPORT", unavailable=True)
     p = plan_first_pass([outbound(1)], {(1, "a"): down, (1, "b"): down}, {1: ["a", "b"]})
-    assert p.released == [1]
-    assert p.finished == p.fanned == []
-    for rows in (p.finished_deliveries, p.finished_dead, p.deliveries, p.dead, p.pending):
+    assert p.fanned == [1]
+    assert p.finished == []
+    assert p.pending.columns["route"] == ["a", "b"]
+    assert p.pending.columns["attempts"] == [0, 0]
+    for rows in (p.finished_deliveries, p.finished_dead, p.deliveries, p.dead):
         assert len(rows) == 0
 
 
@@ -153,7 +156,7 @@ def test_first_pass_delivered_and_retry_fans_out() -> None:
     m = outbound(1, key=b"7")
     p = plan_first_pass([m], verdicts, {1: ["kafka", "hook"]})
     assert p.fanned == [1]
-    assert p.finished == p.released == []
+    assert p.finished == []
     assert p.deliveries.columns == {
         "seq": [1],
         "route": ["kafka"],
@@ -191,7 +194,6 @@ def test_first_pass_one_route_unavailable_other_delivered_keeps_the_outage_route
     }
     p = plan_first_pass([outbound(1)], verdicts, {1: ["a", "b"]})
     assert p.fanned == [1]
-    assert p.released == []
     assert p.pending.columns["route"] == ["b"]
     assert p.pending.columns["attempts"] == [0]
 
@@ -212,7 +214,7 @@ def test_retry_pass_delivered_counts_the_attempt_and_clears_pending() -> None:
     assert p.pending_done.columns == {"seq": [4], "route": ["hook"]}
     assert p.retried_seqs == [4]
     assert len(p.pending) == 0
-    assert p.finished == p.fanned == p.released == []
+    assert p.finished == p.fanned == []
 
 
 def test_retry_pass_dead_writes_a_dead_letter_and_clears_pending() -> None:

@@ -1,0 +1,202 @@
+"""The log first pass (schema version 9): the upgrade from the claiming first pass, and the
+cursor's guarantees that the engine tests do not show on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine
+
+import outbox_lib
+import outbox_lib.alembic
+from relay.config import Route
+from relay.sinks.base import Outbound, Result
+from tests.harness.relay import RelayThread, scalar, settings_for, sqlalchemy_url, wait_until
+from tests.harness.webhook import WebhookServer, new_secret
+from tests.integration.pg_helpers import fetch
+from tests.integration.test_engine_states import ScriptedSink, ok, relay_with, runtime
+
+pytestmark = pytest.mark.integration
+
+KEYS = 5
+COUNT = 60
+
+
+def _publish(conn: psycopg.Connection, numbers: range) -> None:
+    for n in numbers:
+        conn.execute(
+            "SELECT outbox.publish('t', %s::jsonb, %s)",
+            (json.dumps({"n": n}), f"k{n % KEYS}"),
+        )
+
+
+def test_an_upgrade_from_version_8_delivers_every_message_once_in_key_order(
+    database_url: str,
+) -> None:
+    """A version-8 database as a relay of the claiming first pass leaves it: messages pending,
+    leased (the relay died mid-send), parked behind a retry, and dead-lettered. After the
+    migration a relay delivers each pending message once, every key in order, and the
+    dead letters stay as they were."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        outbox_lib.migrate(conn, to_version=8)
+        with conn.transaction():
+            _publish(conn, range(COUNT))
+        first = scalar(database_url, "SELECT min(seq) FROM outbox.message")
+        # Leased by a relay that died: the first 10 messages.
+        conn.execute(
+            "UPDATE outbox.message SET claimed_by = 'gone', claimed_until = now() + '10 min'"
+            " WHERE seq < %s",
+            (first + 10,),
+        )
+        # Message 10 failed once on route r: fanned, with a retry due now; the later
+        # messages of its key (k0) must wait for it.
+        conn.execute("UPDATE outbox.message SET fanned = true WHERE seq = %s", (first + 10,))
+        conn.execute(
+            "INSERT INTO outbox.route_pending (seq, route, topic, msg_key, bucket, attempts)"
+            " SELECT seq, 'r', topic, msg_key, bucket, 1 FROM outbox.message WHERE seq = %s",
+            (first + 10,),
+        )
+        conn.execute(
+            "INSERT INTO outbox.dead_letter (message_id, seq, route, topic, payload, headers,"
+            " content_type, bucket, created_at, attempts, reason)"
+            " VALUES (gen_random_uuid(), 0, 'r', 't', '{}', '{}', 'application/json', 0, now(), 5,"
+            " 'max attempts reached')"
+        )
+        assert outbox_lib.migrate(conn) == [9]
+        columns = "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'outbox'"
+        assert scalar(database_url, f"{columns} AND column_name = 'claimed_by'"
+                      " AND table_name = 'message'") == 0  # fmt: skip
+        assert scalar(database_url, "SELECT outbox.relay_format()") == 2
+    sink = ScriptedSink(ok)
+    with relay_with(database_url, runtime("r", sink), batch_size=7) as relay:
+        relay.wait_delivered(COUNT, timeout=30)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            _publish(conn, range(COUNT, COUNT + 20))  # and what commits after the upgrade
+        relay.wait_delivered(COUNT + 20, timeout=30)
+    delivered = [n for _, n in sink.delivered]
+    assert sorted(delivered) == list(range(COUNT + 20)), "each message once"
+    for key, numbers in sink.order_by_key().items():
+        assert numbers == sorted(numbers), key
+    assert scalar(database_url, "SELECT count(*) FROM outbox.message") == 0
+    assert scalar(database_url, "SELECT count(*) FROM outbox.route_pending") == 0
+    assert scalar(database_url, "SELECT count(*) FROM outbox.dead_letter") == 1
+
+
+def test_a_downgrade_hands_the_unread_messages_back_to_the_claiming_first_pass(
+    database_url: str,
+) -> None:
+    """Version 9 back to 8 loses nothing: what the cursor passed is deleted or fanned, so the
+    messages a relay of format 1 claims (not fanned) are exactly those not yet read."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        outbox_lib.migrate(conn)
+        with conn.transaction():
+            _publish(conn, range(30))
+    sink = ScriptedSink(ok)
+    with relay_with(database_url, runtime("r", sink)) as relay:
+        relay.wait_delivered(30, timeout=30)
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+        _publish(conn, range(30, 40))
+    engine = create_engine(sqlalchemy_url(database_url))
+    try:
+        with engine.begin() as sa_conn:
+            assert outbox_lib.alembic.downgrade(sa_conn, to_version=8, schema="outbox") == [9]
+    finally:
+        engine.dispose()
+    unread = fetch(
+        database_url,
+        "SELECT convert_from(payload, 'UTF8')::jsonb ->> 'n', claimed_by FROM outbox.message"
+        " WHERE NOT fanned ORDER BY seq",
+    )
+    assert unread == [(str(n), None) for n in range(30, 40)]
+    assert scalar(database_url, "SELECT outbox.relay_format()") == 1
+
+
+class SilentSink(ScriptedSink):
+    """A broker or endpoint that accepts connections and never answers (until released)."""
+
+    def __init__(self) -> None:
+        super().__init__(ok)
+        self.released = asyncio.Event()
+        self.calls = 0
+
+    async def send(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        self.calls += 1
+        await self.released.wait()
+        return await super().send(route, batch)
+
+
+def test_a_silent_route_holds_back_no_other_route_on_the_same_topic_or_another(
+    url: str,
+) -> None:
+    """Route "silent" takes topic a, route "good" takes a and b. With "silent" never
+    answering, "good" gets every message within seconds; "silent" keeps its share queued
+    (no attempt spent) and is sent nothing more until its send ends, then gets it all."""
+    silent, good = SilentSink(), ScriptedSink(ok)
+    routes = [runtime("silent", silent), runtime("good", good)]
+    routes[0].route = Route(name="silent", topics=("a",), sink="kafka")
+    settings = settings_for(url, "127.0.0.1:1", poll_interval=0.05, hold_seconds=0.5)
+    with (
+        psycopg.connect(url, autocommit=True) as conn,
+        RelayThread(settings, routes=routes) as relay,
+    ):
+        started = time.monotonic()
+        with conn.transaction():
+            for n in range(40):
+                conn.execute("SELECT outbox.publish(%s, %s::jsonb, %s)",
+                             ("ab"[n % 2], json.dumps({"n": n}), f"k{n % 4}"))  # fmt: skip
+        recorded = "SELECT count(*) FROM outbox.delivery WHERE route = 'good'"
+        wait_until(lambda: scalar(url, recorded) == 40, 10, "the healthy route")
+        took = time.monotonic() - started
+        queued = "SELECT count(*), max(attempts) FROM outbox.route_pending WHERE route = %s"
+        assert fetch(url, queued, ("silent",)) == [(20, 0)]
+        assert silent.calls == 1, "nothing more is sent while the first send runs"
+        relay.call_soon(silent.released.set)
+        wait_until(lambda: scalar(url, "SELECT count(*) FROM outbox.route_pending") == 0,
+                   15, "the silent route's retries")  # fmt: skip
+    print(f"\nhealthy route delivered 40 in {took:.2f} s beside a silent one")
+    assert took < 5.0
+    # The send given up on delivered its share late (not recorded), then the retries again.
+    first, retried = silent.delivered[:-20], silent.delivered[-20:]
+    assert sorted(n for _, n in retried) == list(range(0, 40, 2))
+    assert {n for _, n in first} <= set(range(0, 40, 2))
+    by_key: dict[str | None, list[int]] = {}
+    for key, n in retried:
+        by_key.setdefault(key, []).append(n)
+    assert all(numbers == sorted(numbers) for numbers in by_key.values()), by_key
+    assert scalar(url, "SELECT count(*) FROM outbox.delivery") == 60
+
+
+def test_a_dead_broker_delays_no_webhook_of_the_same_topic_or_another(url: str) -> None:
+    """The case that used to wait out librdkafka's message.timeout.ms (60 s): a Kafka route
+    to a broker that refuses connections and a webhook route, both on orders.created; the
+    webhook also takes orders.paid. Every webhook arrives within seconds."""
+    secret = new_secret()
+    kafka = Route(name="kafka", topics=("orders.created",), sink="kafka")
+    with WebhookServer(secret) as server:
+        hook = Route(
+            name="hook", topics=("orders.created", "orders.paid"), sink="webhook",
+            url=server.url(), secret=secret, allow_private_network=True,
+        )  # fmt: skip
+        base = settings_for(url, "127.0.0.1:1", poll_interval=0.1, hold_seconds=1.0)
+        with (
+            RelayThread(dataclasses.replace(base, routes=(kafka, hook))),
+            psycopg.connect(url, autocommit=True) as conn,
+        ):
+            started = time.monotonic()
+            with conn.transaction():
+                for n in range(10):
+                    topic = ("orders.created", "orders.paid")[n % 2]
+                    conn.execute("SELECT outbox.publish(%s, %s::jsonb)", (topic, f'{{"n": {n}}}'))
+            wait_until(lambda: len(server.requests) >= 10, 15, "every webhook")
+            took = time.monotonic() - started
+    print(f"\n10 webhooks in {took:.2f} s beside a Kafka route to a dead broker")
+    assert sorted(r.json()["n"] for r in server.requests) == list(range(10))
+    assert took < 8.0
+    pending = "SELECT count(*), max(attempts) FROM outbox.route_pending WHERE route = 'kafka'"
+    assert fetch(url, pending) == [(5, 0)], "the broker's share waits for it, no attempt spent"
