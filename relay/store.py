@@ -143,19 +143,8 @@ def _outbound(row: Sequence[Any]) -> Outbound:
 
 
 def _from_row(row: Row) -> Outbound:
-    id_, topic, key, payload, ctype, headers, idem, created = row.values
-    return Outbound(
-        seq=row.seq,
-        id=id_,
-        topic=topic,
-        key=bytes(key) if key is not None else None,
-        payload=bytes(payload),
-        content_type=ctype,
-        headers=tuple(decode_headers(headers)),
-        idempotency_key=idem,
-        created_at=created,
-        attempts=0,
-    )
+    """A first-pass row (``relay.ticks``): never attempted, read for no route yet."""
+    return _outbound((row.seq, *row.values, 0, None))
 
 
 def _int(value: Any) -> int | None:
