@@ -155,7 +155,9 @@ def test_concurrent_writers_every_committed_message_read_exactly_once(
     def read_loop() -> None:
         mine = Reader(url)
         try:
-            last = mine.tick()
+            # From the tick taken before any writer started: a writer may commit before this
+            # thread has connected, and a first tick of its own would count that as before.
+            last = mine.load(first.tick_id)
             while True:
                 finishing = stop.is_set()
                 now = mine.tick()
