@@ -1,4 +1,4 @@
-"""The claim loop: wake, claim a batch, send it to every matching route, record, repeat.
+"""The relay loop: wake, read a batch, send it to every matching route, record, repeat.
 
 Two passes share the loop. The *first pass* reads the outbox as a log (``relay.ticks``):
 the messages committed between two recorded snapshots, in ``seq`` order, sent to all their
@@ -94,9 +94,6 @@ class Engine:
     def inline_routes(self) -> list[RouteRuntime]:
         """Routes sent in the claim loop itself (Kafka); lanes deliver the others."""
         return [r for r in self.routes if not r.is_lane]
-
-    def _stopping(self) -> bool:
-        return self._stop is not None and self._stop.is_set()
 
     def _routes_for(self, topic: str) -> list[RouteRuntime]:
         matched = self._matches.get(topic)
@@ -228,9 +225,14 @@ class Engine:
 
     async def _first_pass(self, chunk: FirstPassChunk, pending: bool) -> None:
         """Send a chunk to its routes, then record the outcome and move the cursor past it."""
-        sending, routes_of, verdicts = await self._start_first_pass(chunk.messages, pending)
-        self._judge_all(await sending, verdicts)
-        plan = plan_first_pass(chunk.messages, verdicts, routes_of)
+        try:
+            sending, routes_of, verdicts = await self._start_first_pass(chunk.messages, pending)
+            self._judge_all(await sending, verdicts)
+            plan = plan_first_pass(chunk.messages, verdicts, routes_of)
+        except BaseException:
+            # Nothing of the chunk is recorded: read it again from the cursor, never past it.
+            self.store.forget_first_pass()
+            raise
         started = time.monotonic()
         try:
             # Ride out a short database outage rather than send the chunk again. Should a

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 import pytest
@@ -200,3 +201,29 @@ def test_a_dead_broker_delays_no_webhook_of_the_same_topic_or_another(url: str) 
     assert took < 8.0
     pending = "SELECT count(*), max(attempts) FROM outbox.route_pending WHERE route = 'kafka'"
     assert fetch(url, pending) == [(5, 0)], "the broker's share waits for it, no attempt spent"
+
+
+def test_a_database_error_between_read_and_record_reads_the_chunk_again(url: str) -> None:
+    """A chunk read but never recorded (the database failed while it was being sent) is
+    read again from the cursor: nothing is skipped, and key order holds."""
+    sink = ScriptedSink(ok)
+    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
+        assert relay.engine is not None
+        engine = relay.engine
+        start = engine._start_first_pass
+        failed = []
+
+        async def fail_once(messages: list[Outbound], pending: bool) -> Any:
+            if not failed and messages and json.loads(messages[0].payload)["n"] == 10:
+                failed.append(messages[0].seq)
+                raise psycopg.OperationalError("the database went away")
+            return await start(messages, pending)
+
+        engine._start_first_pass = fail_once  # type: ignore[method-assign]
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            _publish(conn, range(30))
+        relay.wait_delivered(30, timeout=20)
+    assert failed, "the chunk starting at message 10 failed once"
+    assert sorted(n for _, n in sink.delivered) == list(range(30)), "each once, none skipped"
+    for key, numbers in sink.order_by_key().items():
+        assert numbers == sorted(numbers), key
