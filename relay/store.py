@@ -30,7 +30,7 @@ from outbox_lib._sqlfiles import load_queries, with_schema
 
 from . import __version__
 from .backoff import Backoff
-from .errors import SchemaTooNewError
+from .errors import RelayError, SchemaTooNewError
 from .plan import RecordPlan, Rows
 from .sinks.base import Outbound
 from .ticks import Batch, Row, Tick, take_tick, tick
@@ -169,7 +169,6 @@ class Store:
         self.on_claim: Callable[[str, int, float], None] = lambda _pass, _rows, _seconds: None
         # The first pass's position and its batch, while this relay reads it.
         self._first: tuple[Position, Tick, Batch | None] | None = None
-        self._moved_to = 0
 
     @classmethod
     def create(
@@ -250,7 +249,10 @@ class Store:
         cur = await conn.execute(self._q["first_pass_position"])
         row = await cur.fetchone()
         if row is None:
-            raise SchemaTooNewError(f"schema {self.schema!r} has no first-pass position")
+            raise RelayError(
+                f"schema {self.schema!r} has no first-pass position (outbox.first_pass is "
+                "empty): reset it as docs/first-pass-log.md describes"
+            )
         position = Position(int(row[0]), int(row[1]), _int(row[2]), int(row[3]))
         start = await tick(conn, self.schema, position.start)
         if position.end is None:
@@ -263,16 +265,16 @@ class Store:
         :class:`FirstPassLost` if the cursor is no longer where the chunk was read from."""
         try:
             async with self._pool.connection() as conn, conn.transaction():
-                if chunk.moves:
-                    await self._move(conn, chunk)
+                moved_to = await self._move(conn, chunk) if chunk.moves else None
                 await self.write(conn, plan)
         except BaseException:
             self._first = None
             raise
-        if chunk.moves:
-            self._advance(chunk)
+        if moved_to is not None:
+            self._advance(chunk, moved_to)
 
-    async def _move(self, conn: psycopg.AsyncConnection[Any], chunk: FirstPassChunk) -> None:
+    async def _move(self, conn: psycopg.AsyncConnection[Any], chunk: FirstPassChunk) -> int:
+        """Insert the next position; its id."""
         params = {
             "prev": chunk.read_from.position_id,
             "start": chunk.start,
@@ -286,19 +288,19 @@ class Store:
             raise FirstPassLost(
                 "the first-pass cursor moved under this relay (bucket 0 changed hands)"
             )
-        self._moved_to = int(row[0])
         done_tick = chunk.read_from.start if chunk.end is None else None
         await conn.execute(
             self._q["forget_first_pass_rows"],
             {"prev": chunk.read_from.position_id, "tick": done_tick},
         )
+        return int(row[0])
 
-    def _advance(self, chunk: FirstPassChunk) -> None:
+    def _advance(self, chunk: FirstPassChunk, position_id: int) -> None:
         """After a move: keep reading from the new position without asking the database."""
         if self._first is None:
             return
         _, start, batch = self._first
-        position = Position(self._moved_to, chunk.start, chunk.end, chunk.after)
+        position = Position(position_id, chunk.start, chunk.end, chunk.after)
         if chunk.end is None and batch is not None:
             self._first = (position, batch.end, None)  # done: its end starts the next batch
         else:

@@ -25,7 +25,7 @@ import outbox_lib.alembic
 from outbox_lib.inbox import Inbox, InboxMessage
 from tests.harness.examples import load_example
 from tests.harness.relay import scalar, sqlalchemy_url
-from tests.integration.pg_helpers import fetch
+from tests.integration.pg_helpers import fetch, sync_engine
 
 pytestmark = pytest.mark.integration
 
@@ -224,12 +224,8 @@ def test_keys_accepted_before_version_7_still_hold_for_every_topic(database_url:
         assert conn.execute(accept, ("new", "orders.created")).fetchone() == (True,)
         assert conn.execute(accept, ("new", "orders.paid")).fetchone() == (True,)
     # Back down to 6: one row per (consumer, key) is kept, and it still holds the key.
-    engine = create_engine(sqlalchemy_url(database_url))
-    try:
-        with engine.begin() as sa_conn:
-            assert outbox_lib.alembic.downgrade(sa_conn, to_version=6, schema="outbox") == [7]
-    finally:
-        engine.dispose()
+    with sync_engine(database_url) as engine, engine.begin() as sa_conn:
+        assert outbox_lib.alembic.downgrade(sa_conn, to_version=6, schema="outbox") == [7]
     assert fetch(database_url, "SELECT outbox.inbox_accept('c', 'new')") == [(False,)]
     assert fetch(database_url, "SELECT count(*) FROM outbox.inbox") == [(2,)]
 

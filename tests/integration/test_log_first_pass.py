@@ -12,15 +12,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine
 
 import outbox_lib
 import outbox_lib.alembic
 from relay.config import Route
 from relay.sinks.base import Outbound, Result
-from tests.harness.relay import RelayThread, scalar, settings_for, sqlalchemy_url, wait_until
+from tests.harness.relay import RelayThread, scalar, settings_for, wait_until
 from tests.harness.webhook import WebhookServer, new_secret
-from tests.integration.pg_helpers import fetch
+from tests.integration.pg_helpers import fetch, sync_engine
 from tests.integration.test_engine_states import ScriptedSink, ok, relay_with, runtime
 
 pytestmark = pytest.mark.integration
@@ -103,12 +102,8 @@ def test_a_downgrade_hands_the_unread_messages_back_to_the_claiming_first_pass(
         relay.wait_delivered(30, timeout=30)
     with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
         _publish(conn, range(30, 40))
-    engine = create_engine(sqlalchemy_url(database_url))
-    try:
-        with engine.begin() as sa_conn:
-            assert outbox_lib.alembic.downgrade(sa_conn, to_version=8, schema="outbox") == [9]
-    finally:
-        engine.dispose()
+    with sync_engine(database_url) as engine, engine.begin() as sa_conn:
+        assert outbox_lib.alembic.downgrade(sa_conn, to_version=8, schema="outbox") == [9]
     unread = fetch(
         database_url,
         "SELECT convert_from(payload, 'UTF8')::jsonb ->> 'n', claimed_by FROM outbox.message"
