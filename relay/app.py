@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -128,6 +129,21 @@ async def _schema_version(store: Store) -> int | None:
         return None
 
 
+# Young objects the garbage collector lets pile up before a collection (CPython: 700). A
+# chunk of 1,000 messages makes tens of thousands of short-lived objects (rows, messages,
+# headers, results), none in a cycle; at 700 the collector ran dozens of times per chunk and
+# promoted them into generations whose collections walk the whole heap. At 10,000 the 200k
+# drain ran 22% faster (docs/performance.md), for a few MB of garbage held a little longer.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Collect young objects less often (never more often than already set)."""
+    young, middle, old = gc.get_threshold()
+    if 0 < young < GC_YOUNG_THRESHOLD:
+        gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def run_relay(
     settings: Settings,
     stop: asyncio.Event | None = None,
@@ -135,6 +151,7 @@ async def run_relay(
 ) -> Stats:
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is not given)."""
     routes = build_routes(settings)
+    tune_gc()
     relay_id = new_relay_id()
     tag_relay(relay_id)
     # From here on a signal stops the relay cleanly, while it waits for the database too.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .config import Settings
@@ -237,9 +237,13 @@ class Engine:
         try:
             # Ride out a short database outage rather than send the chunk again. Should a
             # commit have happened unseen, the retry finds the cursor moved: nothing is lost.
-            await self.store.patiently(
+            record = self.store.patiently(
                 lambda: self.store.record_first_pass(chunk, plan), self.settings.lease_seconds * 0.8
             )
+            if chunk.end is None:  # the batch is done: the next one starts after the record
+                await record
+            else:  # the next chunk is read while this one is recorded (sent only after it)
+                await self._record_reading_ahead(record)
         except FirstPassLost as exc:
             # Sent, not recorded: whoever moved the cursor sends these again (at-least-once).
             log.warning("first pass: %s; %d messages not recorded", exc, len(chunk.messages))
@@ -247,6 +251,22 @@ class Engine:
         self.metrics.record_took("first", time.monotonic() - started)
         self._count(plan)
         log_dead_letters(plan, {m.seq: m for m in chunk.messages})
+
+    async def _record_reading_ahead(self, record: Awaitable[None]) -> None:
+        ahead = asyncio.ensure_future(self.store.read_ahead(self.settings.batch_size))
+        try:
+            await record
+        except BaseException:
+            ahead.cancel()  # the store drops what it read: the chunk is read again
+            raise
+        finally:
+            try:
+                await ahead
+            except asyncio.CancelledError:
+                if not ahead.cancelled():
+                    raise
+            except Exception as exc:  # noqa: BLE001 - read again from the cursor next step
+                log.debug("first pass: reading ahead failed (%s); reading again", one_line(exc))
 
     async def _start_first_pass(
         self, messages: list[Outbound], pending: bool
@@ -258,22 +278,42 @@ class Engine:
         routes_of: dict[int, list[str]] = {}
         verdicts: dict[Item, Verdict] = {}
         to_send: dict[str, list[Outbound]] = {}
+        # What each route does with this chunk is decided once per topic, not per message.
+        per_topic: dict[str, tuple[list[str], list[tuple[RouteRuntime, str, str]]]] = {}
         for message in messages:
-            matched = self._routes_for(message.topic)
-            routes_of[message.seq] = [r.route.name for r in matched]
-            for runtime in matched:
-                name = runtime.route.name
-                if runtime.disabled is not None:
-                    verdicts[(message.seq, name)] = _disabled(runtime)
-                elif runtime.is_lane:
-                    verdicts[(message.seq, name)] = parked()  # queued for the route's lane
-                elif message.key is not None and (name, message.topic, message.key) in blocked:
-                    verdicts[(message.seq, name)] = parked()
-                elif runtime.pause_left() > 0 or runtime.busy:
-                    verdicts[(message.seq, name)] = self._judge(runtime, message, _PAUSED)
+            seq, topic, key = message.seq, message.topic, message.key
+            decided = per_topic.get(topic)
+            if decided is None:
+                decided = per_topic[topic] = self._decide_routes(topic)
+            names, routes = decided
+            routes_of[seq] = names
+            for runtime, name, mode in routes:
+                if mode == _DISABLED:
+                    verdicts[(seq, name)] = _disabled(runtime)
+                elif mode == _LANE:
+                    verdicts[(seq, name)] = parked()  # queued for the route's lane
+                elif blocked and key is not None and (name, topic, key) in blocked:
+                    verdicts[(seq, name)] = parked()
+                elif mode == _HOLD:
+                    verdicts[(seq, name)] = self._judge(runtime, message, _PAUSED)
                 else:
                     to_send.setdefault(name, []).append(message)
         return asyncio.ensure_future(self._send_all(to_send)), routes_of, verdicts
+
+    def _decide_routes(self, topic: str) -> tuple[list[str], list[tuple[RouteRuntime, str, str]]]:
+        """The routes of ``topic`` for one chunk: (runtime, name, what it does with it)."""
+        routes = [(r, r.route.name, self._mode(r)) for r in self._routes_for(topic)]
+        return [name for _, name, _ in routes], routes
+
+    @staticmethod
+    def _mode(runtime: RouteRuntime) -> str:
+        if runtime.disabled is not None:
+            return _DISABLED
+        if runtime.is_lane:
+            return _LANE
+        if runtime.pause_left() > 0 or runtime.busy:
+            return _HOLD
+        return _SEND
 
     def _judge_all(self, sent: SendResults, verdicts: dict[Item, Verdict]) -> None:
         for name, batch_results in sent:
@@ -388,6 +428,10 @@ class Engine:
 
 _PAUSED = Failed("unavailable", PAUSED, "sink unreachable; waiting before the next try")
 NO_ANSWER = "no answer"
+
+# What a route does with a first-pass chunk (Engine._mode): dead-letter it (disabled), leave
+# it to the route's lane, hold it (paused, or a send still unanswered), or send it now.
+_DISABLED, _LANE, _HOLD, _SEND = "disabled", "lane", "hold", "send"
 
 
 def _forget(task: asyncio.Future[list[tuple[Outbound, Result]]]) -> None:

@@ -18,6 +18,7 @@ builds its collectors from that table and ``python -m relay.docgen`` writes
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -185,6 +186,24 @@ def _histogram(spec: MetricSpec, registry: CollectorRegistry) -> Histogram:
     return Histogram(spec.name, spec.help, spec.labels, buckets=spec.buckets, registry=registry)
 
 
+def observe_all(histogram: Any, amounts: list[float]) -> None:
+    """``histogram.observe(a)`` for every ``a`` of ``amounts`` (a labelled child), with each
+    bucket counted once: a record of 1,000 deliveries would otherwise take 1,000 locked
+    updates of the sum and of a bucket. Falls back to one observe() per amount should
+    prometheus_client's histogram ever lay out its buckets differently."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    # observe() counts an amount in the first bucket whose upper bound is >= it (+Inf last).
+    for index, n in Tally(bisect_left(bounds, amount) for amount in amounts).items():
+        buckets[index].inc(n)
+    total.inc(sum(amounts))
+
+
 class Metrics:
     """The relay's metrics; ``registry`` is what ``/metrics`` serves."""
 
@@ -236,19 +255,24 @@ class Metrics:
         delivered: Tally[tuple[str, str]] = Tally()
         failed: Tally[tuple[str, str]] = Tally()
         errors: Tally[tuple[str, str]] = Tally()
-        latency: dict[str, Any] = {}  # route -> its histogram child, looked up once per plan
+        latencies: dict[str, list[float]] = {}  # route -> delivery latencies, observed at once
         for message, route, verdict in plan.outcomes:
             if isinstance(verdict, Delivered):
                 delivered[(message.topic, route)] += 1
-                self._topics_recorded.add(message.topic)
-                child = latency.get(route) or latency.setdefault(route, self.latency.labels(route))
-                child.observe(max(0.0, (verdict.acked_at or now) - message.created_at.timestamp()))
+                seconds = (verdict.acked_at or now) - message.created_at.timestamp()
+                found = latencies.get(route)
+                if found is None:
+                    found = latencies[route] = []
+                found.append(seconds if seconds > 0.0 else 0.0)
             elif route == NO_ROUTE:
                 failed[(message.topic, route)] += 1
                 errors[(route, "no route")] += 1
             elif isinstance(verdict, Pending | Dead) and verdict.status not in NOT_ATTEMPTED:
                 failed[(message.topic, route)] += 1
                 errors[(route, verdict.status or "error")] += 1
+        for route, seconds_each in latencies.items():
+            observe_all(self.latency.labels(route), seconds_each)
+        self._topics_recorded.update(topic for topic, _ in delivered)
         for (topic, route), n in delivered.items():
             self.delivered.labels(topic, route).inc(n)
         for (topic, route), n in failed.items():

@@ -134,12 +134,34 @@ def plan_first_pass(
 ) -> RecordPlan:
     """Plan for messages read on their first pass (every route at once)."""
     plan = RecordPlan()
+    # The common case inline: one route, delivered. The rest goes through _plan_message.
+    outcomes, finished = plan.outcomes, plan.finished
+    columns = plan.finished_deliveries.columns
+    d_seq, d_route, d_attempts, d_partition, d_offset = (
+        columns.setdefault(name, []) for name in ("seq", "route", "attempts", "partition", "offset")
+    )
+    delivered = 0
     for message in messages:
-        names = routes_of.get(message.seq, [])
-        mine = {name: verdicts[(message.seq, name)] for name in names}
+        seq = message.seq
+        names = routes_of.get(seq, [])
+        if len(names) == 1:
+            route = names[0]
+            v = verdicts[(seq, route)]
+            if type(v) is Delivered:
+                outcomes.append((message, route, v))
+                finished.append(seq)
+                d_seq.append(seq)
+                d_route.append(route)
+                d_attempts.append(1)
+                d_partition.append(v.partition)
+                d_offset.append(v.offset)
+                delivered += 1
+                continue
+        mine = {name: verdicts[(seq, name)] for name in names}
         if not names:
             mine = {NO_ROUTE: Dead(0, "no route", f"no route matches topic {message.topic!r}")}
         _plan_message(plan, message, mine)
+    plan.delivered_count += delivered
     return plan
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -28,12 +29,12 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay
 from outbox_lib._encoding import decode_headers
 from outbox_lib._sqlfiles import load_queries, with_schema
 
-from . import __version__
+from . import __version__, pgarrays
 from .backoff import Backoff
 from .errors import RelayError, SchemaTooNewError
 from .plan import RecordPlan, Rows
 from .sinks.base import Outbound
-from .ticks import Batch, Row, Tick, take_tick, tick
+from .ticks import Batch, Tick, take_tick, tick
 from .tracing import Spans
 
 log = logging.getLogger(__name__)
@@ -129,22 +130,60 @@ def relay_queries(schema: str) -> Mapping[str, sql.Composed]:
 def _outbound(row: Sequence[Any]) -> Outbound:
     seq, id_, topic, key, payload, ctype, headers, idem, created, attempts, _route = row
     return Outbound(
-        seq=seq,
-        id=id_,
-        topic=topic,
-        key=bytes(key) if key is not None else None,
-        payload=bytes(payload),
-        content_type=ctype,
-        headers=tuple(decode_headers(headers)),
-        idempotency_key=idem,
-        created_at=created,
-        attempts=attempts,
+        seq,
+        id_,
+        topic,
+        bytes(key) if key is not None else None,
+        bytes(payload),
+        ctype,
+        tuple(decode_headers(headers)) if headers else (),
+        idem,
+        created,
+        attempts,
     )
 
 
-def _from_row(row: Row) -> Outbound:
-    """A first-pass row (``relay.ticks``): never attempted, read for no route yet."""
-    return _outbound((row.seq, *row.values, 0, None))
+def _first_pass_message(row: tuple[Any, ...]) -> Outbound:
+    """A first-pass row (``relay.ticks``, as selected): never attempted, for no route yet.
+    Built straight from the fetched tuple: this runs once per message of every chunk."""
+    seq, id_, topic, key, payload, ctype, headers, idem, created = row
+    return Outbound(
+        seq,
+        id_,
+        topic,
+        bytes(key) if key is not None else None,
+        bytes(payload),
+        ctype,
+        tuple(decode_headers(headers)) if headers else (),
+        idem,
+        created,
+        0,
+    )
+
+
+# The element type of each column array a record statement unnests (pgarrays: binary,
+# packed in one go). Columns not named here (the retry delay, an interval) go as plain lists.
+_ARRAY_OF: dict[str, type[list[Any]]] = {
+    "seq": pgarrays.BigintArray,
+    "offset": pgarrays.BigintArray,
+    "attempts": pgarrays.IntArray,
+    "partition": pgarrays.IntArray,
+    "route": pgarrays.TextArray,
+    "topic": pgarrays.TextArray,
+    "reason": pgarrays.TextArray,
+    "error": pgarrays.TextArray,
+    "status": pgarrays.TextArray,
+    "key": pgarrays.ByteaArray,
+}
+
+
+def _typed(name: str, values: list[Any]) -> list[Any]:
+    array = _ARRAY_OF.get(name)
+    return array(values) if array is not None else values
+
+
+def _columns(rows: Rows) -> dict[str, list[Any]]:
+    return {name: _typed(name, values) for name, values in rows.columns.items()}
 
 
 def _int(value: Any) -> int | None:
@@ -154,6 +193,7 @@ def _int(value: Any) -> int | None:
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     # Headers arrive as jsonb on every claimed row: orjson decodes them several times faster.
     set_json_loads(orjson.loads, conn)
+    pgarrays.register(conn)
 
 
 class Store:
@@ -169,6 +209,11 @@ class Store:
         self.on_claim: Callable[[str, int, float], None] = lambda _pass, _rows, _seconds: None
         # The first pass's position and its batch, while this relay reads it.
         self._first: tuple[Position, Tick, Batch | None] | None = None
+        # The next chunk, read while the one before it was being recorded (read_ahead), and
+        # the reset count it was read under: a reset since (a failed record, a lost cursor)
+        # makes it stale, and it is read again from the cursor.
+        self._ahead: tuple[int, FirstPassChunk] | None = None
+        self._resets = 0
 
     @classmethod
     def create(
@@ -210,6 +255,10 @@ class Store:
         Only the relay holding bucket 0 calls this. The position is read from the database
         once, then kept here while each chunk is recorded by :meth:`record_first_pass`.
         """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == self._resets and self._first is not None:
+            # Read during the record before it, which has moved the cursor since.
+            return dataclasses.replace(ahead[1], read_from=self._first[0])
         started = time.monotonic()
         if not self.spans.enabled:
             chunk = await self._read_first_pass(limit)
@@ -231,12 +280,12 @@ class Store:
                     batch = Batch(start, await take_tick(conn, self.schema))
                     await conn.commit()
                     self._first = (position, start, batch)
-                rows = await batch.read(conn, self.schema, limit)
+                messages = await batch.read(conn, self.schema, limit, _first_pass_message)
         except BaseException:
-            self._first = None  # the batch's read state may be ahead of the database
+            self._reset()  # the batch's read state may be ahead of the database
             raise
         return FirstPassChunk(
-            messages=[_from_row(r) for r in rows],
+            messages=messages,
             read_from=position,
             start=batch.end.tick_id if batch.done else batch.start.tick_id,
             end=None if batch.done else batch.end.tick_id,
@@ -268,7 +317,7 @@ class Store:
                 moved_to = await self._move(conn, chunk) if chunk.moves else None
                 await self.write(conn, plan)
         except BaseException:
-            self._first = None
+            self._reset()
             raise
         if moved_to is not None:
             self._advance(chunk, moved_to)
@@ -308,7 +357,28 @@ class Store:
 
     def forget_first_pass(self) -> None:
         """Read the position from the database again next time (leadership changed)."""
+        self._reset()
+
+    def _reset(self) -> None:
         self._first = None
+        self._ahead = None
+        self._resets += 1
+
+    async def read_ahead(self, limit: int) -> bool:
+        """While a chunk that did not end its batch is being recorded, read the next one (a
+        second connection): :meth:`read_first_pass` then hands it out once that record has
+        committed, as read from the position the record moved to. Nothing is sent from it
+        before then, so a record that fails loses nothing: the chunk read ahead is dropped
+        and read again from the cursor. False when nothing was read."""
+        batch = self._first[2] if self._first is not None else None
+        if batch is None or batch.done or self._ahead is not None:
+            return False  # the next chunk starts a new batch: that needs the record first
+        resets = self._resets
+        chunk = await self.read_first_pass(limit)
+        if resets != self._resets:
+            return False
+        self._ahead = (resets, chunk)
+        return True
 
     async def claim_retry_pass(
         self, limit: int, lease: float, routes: Sequence[str], claimer: str = "retry"
@@ -347,7 +417,10 @@ class Store:
         keyed = [m for m in messages if m.key is not None]
         if not keyed:
             return set()
-        params = {"topics": [m.topic for m in keyed], "keys": [m.key for m in keyed]}
+        params = {
+            "topics": pgarrays.TextArray([m.topic for m in keyed]),
+            "keys": pgarrays.ByteaArray([m.key for m in keyed]),
+        }
         rows = await self._fetch("blocked_keys", params)
         return {(r, t, bytes(k)) for r, t, k in rows}
 
@@ -379,7 +452,8 @@ class Store:
             # Two routes of one message may finish at once, in two transactions; each would
             # see the other's route_pending row and leave the message behind for good.
             # Locking the message rows first makes the second wait and then see the first.
-            await conn.execute(self._q["lock_messages"], {"seqs": sorted(set(plan.retried_seqs))})
+            seqs = pgarrays.BigintArray(sorted(set(plan.retried_seqs)))
+            await conn.execute(self._q["lock_messages"], {"seqs": seqs})
         if plan.finished:
             await conn.execute(self._q["finish_first_pass"], self._finish_params(plan))
         await self._bulk(conn, "insert_deliveries", plan.deliveries)
@@ -387,23 +461,27 @@ class Store:
         await self._bulk(conn, "upsert_pending", plan.pending)
         await self._bulk(conn, "delete_pending", plan.pending_done)
         if plan.fanned:
-            await conn.execute(self._q["settle_fanned"], {"seqs": plan.fanned})
+            await conn.execute(
+                self._q["settle_fanned"], {"seqs": pgarrays.BigintArray(plan.fanned)}
+            )
         if plan.retried_seqs:
-            await conn.execute(self._q["delete_completed"], {"seqs": plan.retried_seqs})
+            await conn.execute(
+                self._q["delete_completed"], {"seqs": pgarrays.BigintArray(plan.retried_seqs)}
+            )
 
     def _finish_params(self, plan: RecordPlan) -> dict[str, Any]:
-        params: dict[str, Any] = {"finished": plan.finished}
+        params: dict[str, Any] = {"finished": pgarrays.BigintArray(plan.finished)}
         for prefix, rows, names in (
             ("d", plan.finished_deliveries, ("seq", "route", "attempts", "partition", "offset")),
             ("x", plan.finished_dead, ("seq", "route", "attempts", "reason", "error", "status")),
         ):
             for name in names:
-                params[f"{prefix}_{name}"] = rows.columns.get(name, [])
+                params[f"{prefix}_{name}"] = _typed(name, rows.columns.get(name, []))
         return params
 
     async def _bulk(self, conn: psycopg.AsyncConnection[TupleRow], name: str, rows: Rows) -> None:
         if len(rows):
-            await conn.execute(self._q[name], rows.columns)
+            await conn.execute(self._q[name], _columns(rows))
 
     async def schema_version(self) -> int | None:
         rows = await self._fetch("schema_version", {})

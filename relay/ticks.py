@@ -26,9 +26,9 @@ tick, so they are in no batch. A first cursor placed before them reads them as i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -36,6 +36,8 @@ from psycopg import sql
 from outbox_lib._sqlfiles import load_queries, with_schema
 
 _QUERIES = load_queries("relay", "sql/ticks.sql")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,10 @@ class Row:
 
     seq: int
     values: tuple[Any, ...]
+
+    @classmethod
+    def from_tuple(cls, row: tuple[Any, ...]) -> Row:
+        return cls(int(row[0]), tuple(row[1:]))
 
 
 def _statement(name: str, schema: str) -> sql.Composed:
@@ -100,15 +106,23 @@ class Batch:
     # The seq window of the next read of the second part: grows over gaps, shrinks back.
     window: int = field(default=0, repr=False)
 
-    async def read(self, conn: psycopg.AsyncConnection[Any], schema: str, limit: int) -> list[Row]:
-        """The next messages, at most ``limit``; ``done`` once the batch is exhausted."""
-        rows: list[Row] = []
+    async def read(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        schema: str,
+        limit: int,
+        make: Callable[[tuple[Any, ...]], T] = Row.from_tuple,  # type: ignore[assignment]
+    ) -> list[T]:
+        """The next messages, at most ``limit``; ``done`` once the batch is exhausted. Each
+        row, as selected (``seq`` first), is turned into what ``make`` returns: a
+        :class:`Row` unless the caller builds its own objects straight from the tuple."""
+        rows: list[tuple[Any, ...]] = []
         if self.after < self.start.lo:
             rows = await self._part(conn, schema, "batch_late", limit, {})
             if len(rows) < limit:
                 self.after = self.start.lo  # every late row is read
             elif rows:
-                self.after = rows[-1].seq
+                self.after = rows[-1][0]
         while len(rows) < limit and not self.done:
             if self.after >= self.end.hi:
                 self.done = True
@@ -119,12 +133,12 @@ class Batch:
             found = await self._part(conn, schema, "batch_rest", wanted, {"upto": upto})
             rows += found
             if len(found) == wanted:
-                self.after = found[-1].seq
+                self.after = found[-1][0]
                 self.window = 0
             else:  # the window is exhausted: skip to its end, wider next time if it was empty
                 self.after = upto
                 self.window = 2 * self.window if not found else 0
-        return rows
+        return [make(r) for r in rows]
 
     async def _part(
         self,
@@ -133,7 +147,7 @@ class Batch:
         name: str,
         limit: int,
         extra: dict[str, Any],
-    ) -> list[Row]:
+    ) -> list[tuple[Any, ...]]:
         params = {
             "after": self.after,
             "limit": limit,
@@ -143,6 +157,7 @@ class Batch:
             "end_snap": self.end.snap,
             **extra,
         }
-        cur = await conn.execute(_statement(name, schema), params)
-        found = await cur.fetchall()
-        return [Row(int(r[0]), tuple(r[1:])) for r in found]
+        # batch_late is planned with its values every time (once per batch): see ticks.sql.
+        prepare = False if name == "batch_late" else None
+        cur = await conn.execute(_statement(name, schema), params, prepare=prepare)
+        return await cur.fetchall()

@@ -9,9 +9,11 @@ so the relay's event loop keeps serving signals and NOTIFY.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -100,9 +102,11 @@ def classify(error: KafkaError) -> Failed:
 
 def record_headers(message: Outbound) -> list[tuple[str, str | bytes | None]]:
     """The contract's headers first, then the message's own."""
+    message_id = str(message.id).encode()
+    idempotency = message.idempotency_key
     return [
-        ("idempotency-key", message.delivery_key.encode()),
-        ("outbox-message-id", str(message.id).encode()),
+        ("idempotency-key", idempotency.encode() if idempotency is not None else message_id),
+        ("outbox-message-id", message_id),
         ("outbox-topic", message.topic.encode()),
         *message.headers,
     ]
@@ -117,14 +121,16 @@ class _Batch:
         self.fatal = False
 
     def callback(self, index: int) -> Callable[[KafkaError | None, Any], None]:
-        def on_delivery(error: KafkaError | None, record: Any) -> None:
-            if error is None:
-                self.set(index, Delivered(record.partition(), record.offset()))
-            else:
-                self.fatal = self.fatal or needs_new_producer(error)
-                self.set(index, classify(error))
+        return functools.partial(self.on_delivery, index)
 
-        return on_delivery
+    def on_delivery(self, index: int, error: KafkaError | None, record: Any) -> None:
+        if error is None:
+            if self.results[index] is None:  # the common case, inline: once per record
+                self.remaining -= 1
+            self.results[index] = Delivered(record.partition(), record.offset(), time.time())
+        else:
+            self.fatal = self.fatal or needs_new_producer(error)
+            self.set(index, classify(error))
 
     def set(self, index: int, result: Result) -> None:
         if self.results[index] is None:
@@ -192,10 +198,11 @@ class KafkaSink:
     def _send_sync(self, route: Route, batch: Sequence[Outbound]) -> list[Result]:
         producer = self._get_producer()
         pending = _Batch(len(batch))
+        target = route.kafka_topic
         for index, message in enumerate(batch):
             if self._aborted.is_set():
                 break
-            self._produce(producer, route.target_topic(message.topic), message, pending, index)
+            self._produce(producer, target or message.topic, message, pending, index)
         while pending.remaining and not self._aborted.is_set():
             # flush() sends what linger.ms would still hold back and serves the reports;
             # poll() alone would wait out the linger on every batch.

@@ -222,3 +222,77 @@ def test_a_database_error_between_read_and_record_reads_the_chunk_again(url: str
     assert sorted(n for _, n in sink.delivered) == list(range(30)), "each once, none skipped"
     for key, numbers in sink.order_by_key().items():
         assert numbers == sorted(numbers), key
+
+
+def test_a_chunk_read_ahead_of_a_failed_record_is_dropped_and_read_again(url: str) -> None:
+    """The next chunk is read while one is recorded, and sent only once that record has
+    committed. When the record fails (and is tried again), the chunk read ahead is dropped and
+    read again from the cursor: nothing is skipped, nothing is sent twice, key order holds."""
+    sink = ScriptedSink(ok)
+    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
+        assert relay.engine is not None
+        store = relay.engine.store
+        record, read_ahead = store.record_first_pass, store.read_ahead
+        failed: list[int] = []
+        read: list[bool] = []
+
+        async def fail_once(chunk: Any, plan: Any) -> None:
+            if not failed and chunk.messages and json.loads(chunk.messages[0].payload)["n"] == 10:
+                await asyncio.sleep(0.2)  # the read ahead is done by now
+                failed.append(chunk.messages[0].seq)
+                # What a failed record does to the store's state, before the error.
+                store._reset()
+                raise psycopg.OperationalError("the connection broke during the record")
+            await record(chunk, plan)
+
+        async def spy(limit: int) -> bool:
+            read.append(await read_ahead(limit))
+            return read[-1]
+
+        store.record_first_pass = fail_once  # type: ignore[method-assign]
+        store.read_ahead = spy  # type: ignore[method-assign]
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            _publish(conn, range(30))
+        relay.wait_delivered(30, timeout=20)
+    assert failed, "the record of the chunk starting at message 10 failed once"
+    assert True in read, "chunks were read ahead"
+    assert sorted(n for _, n in sink.delivered) == list(range(30)), "each once, none skipped"
+    for key, numbers in sink.order_by_key().items():
+        assert numbers == sorted(numbers), key
+
+
+def test_a_failed_read_ahead_loses_nothing(url: str) -> None:
+    """A database error while reading ahead: the record goes on, and the next chunk is read
+    again from the cursor."""
+    sink = ScriptedSink(ok)
+    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
+        assert relay.engine is not None
+        store = relay.engine.store
+        read_first_pass, read_ahead = store.read_first_pass, store.read_ahead
+        failed: list[bool] = []
+        ahead = [False]
+
+        async def fail_once(limit: int) -> Any:
+            chunk = await read_first_pass(limit)
+            if not failed and chunk.messages and json.loads(chunk.messages[0].payload)["n"] == 20:
+                failed.append(ahead[0])
+                store._reset()  # what the store does when its read fails
+                raise psycopg.OperationalError("the database went away while reading")
+            return chunk
+
+        async def reading_ahead(limit: int) -> bool:
+            ahead[0] = True
+            try:
+                return await read_ahead(limit)
+            finally:
+                ahead[0] = False
+
+        store.read_ahead = reading_ahead  # type: ignore[method-assign]
+        store.read_first_pass = fail_once  # type: ignore[method-assign]
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            _publish(conn, range(40))
+        relay.wait_delivered(40, timeout=20)
+    assert failed == [True], "the read of the chunk starting at message 20 failed, reading ahead"
+    assert sorted(n for _, n in sink.delivered) == list(range(40)), "each once, none skipped"
+    for key, numbers in sink.order_by_key().items():
+        assert numbers == sorted(numbers), key

@@ -141,3 +141,28 @@ def test_a_topic_delivered_between_two_refreshes_reads_zero_pending() -> None:
 
     assert sample(metrics, "outbox_pending_messages", topic="quick") == 0
     assert sample(metrics, "outbox_oldest_pending_age_seconds", topic="quick") == 0
+
+
+def test_observing_many_latencies_at_once_equals_observing_each() -> None:
+    """observe_all, which a record uses for its deliveries, leaves the histogram exactly as
+    one observe() per amount would: every bucket boundary, zero, and beyond the last bound."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from relay.metrics import observe_all
+
+    amounts = [0.0, 0.001, 0.005, 0.0051, 0.1, 0.25, 1.0, 2.5, 7.0, 10.0, 60.0, 3600.0] * 3
+    exposed = []
+    for one_by_one in (True, False):
+        registry = CollectorRegistry()
+        histogram = Histogram("lag_seconds", "lag", ["route"], registry=registry)
+        child = histogram.labels("r")
+        if one_by_one:
+            for amount in amounts:
+                child.observe(amount)
+        else:
+            observe_all(child, amounts)
+        exposed.append(
+            [line for line in generate_latest(registry).splitlines() if b"_created" not in line]
+        )
+    assert exposed[0] == exposed[1]
+    assert b'lag_seconds_bucket{le="+Inf",route="r"} 36.0' in exposed[1]
