@@ -127,8 +127,18 @@ def relay_queries(schema: str) -> Mapping[str, sql.Composed]:
     )
 
 
-def _outbound(row: Sequence[Any]) -> Outbound:
-    seq, id_, topic, key, payload, ctype, headers, idem, created, attempts, _route = row
+def _message(
+    seq: int,
+    id_: Any,
+    topic: str,
+    key: bytes | None,
+    payload: bytes,
+    ctype: str,
+    headers: dict[str, Any],
+    idem: str | None,
+    created: dt.datetime,
+    attempts: int,
+) -> Outbound:
     return Outbound(
         seq,
         id_,
@@ -143,22 +153,17 @@ def _outbound(row: Sequence[Any]) -> Outbound:
     )
 
 
+def _outbound(row: Sequence[Any]) -> Outbound:
+    """A retry row: the message's columns, its attempts so far, and its route."""
+    seq, id_, topic, key, payload, ctype, headers, idem, created, attempts, _route = row
+    return _message(seq, id_, topic, key, payload, ctype, headers, idem, created, attempts)
+
+
 def _first_pass_message(row: tuple[Any, ...]) -> Outbound:
     """A first-pass row (``relay.ticks``, as selected): never attempted, for no route yet.
     Built straight from the fetched tuple: this runs once per message of every chunk."""
     seq, id_, topic, key, payload, ctype, headers, idem, created = row
-    return Outbound(
-        seq,
-        id_,
-        topic,
-        bytes(key) if key is not None else None,
-        bytes(payload),
-        ctype,
-        tuple(decode_headers(headers)) if headers else (),
-        idem,
-        created,
-        0,
-    )
+    return _message(seq, id_, topic, key, payload, ctype, headers, idem, created, 0)
 
 
 # The element type of each column array a record statement unnests (pgarrays: binary,
