@@ -15,7 +15,6 @@ casts as before (``%(seq)s::bigint[]``).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -54,17 +53,16 @@ class ByteaArray(_Array):
     __slots__ = ()
 
 
-def _header(elem_oid: int, values: list[Any]) -> bytes:
+def _header(elem_oid: int, values: list[Any], has_null: bool) -> bytes:
     if not values:
         return _EMPTY.pack(0, 0, elem_oid)
-    return _HEADER.pack(1, 1 if None in values else 0, elem_oid, len(values), 1)
+    return _HEADER.pack(1, int(has_null), elem_oid, len(values), 1)
 
 
 def _pack_ints(elem_oid: int, size: int, code: str, values: list[Any]) -> bytes:
-    head = _header(elem_oid, values)
-    if not values:
-        return head
-    if None not in values:
+    has_null = None in values
+    head = _header(elem_oid, values, has_null)
+    if not has_null:
         # (length, value) pairs in one call: the lengths first, every second slot replaced.
         flat: list[int] = [size] * (2 * len(values))
         flat[1::2] = values
@@ -73,8 +71,8 @@ def _pack_ints(elem_oid: int, size: int, code: str, values: list[Any]) -> bytes:
     return head + b"".join(_NULL if v is None else one.pack(size, v) for v in values)
 
 
-def _pack_bytes(elem_oid: int, values: Iterable[bytes | None], listed: list[Any]) -> bytes:
-    parts = [_header(elem_oid, listed)]
+def _pack_bytes(elem_oid: int, values: list[bytes | None]) -> bytes:
+    parts = [_header(elem_oid, values, None in values)]
     length = struct.Struct(">i").pack
     for value in values:
         if value is None:
@@ -85,44 +83,52 @@ def _pack_bytes(elem_oid: int, values: Iterable[bytes | None], listed: list[Any]
     return b"".join(parts)
 
 
-def _oids(name: str) -> tuple[int, int]:
+def _oid(name: str, array: bool = False) -> int:
     info = postgres.types.get(name)
     assert info is not None
-    return info.oid, info.array_oid
+    return info.array_oid if array else info.oid
 
 
-class _Dumper(adapt.Dumper):
+_INT8, _INT4, _TEXT, _BYTEA = (_oid(name) for name in ("int8", "int4", "text", "bytea"))
+
+
+class _BinaryArrayDumper(adapt.Dumper):
     format = pq.Format.BINARY
-    elem_oid = 0
 
 
-def _dumper(cls_name: str, type_name: str, dump: Any) -> type[_Dumper]:
-    elem_oid, array_oid = _oids(type_name)
-    return type(cls_name, (_Dumper,), {"oid": array_oid, "elem_oid": elem_oid, "dump": dump})
+class _BigintArrayDumper(_BinaryArrayDumper):
+    oid = _oid("int8", array=True)
+
+    def dump(self, obj: Any) -> bytes:
+        return _pack_ints(_INT8, 8, "q", obj)
 
 
-_INT8, _ = _oids("int8")
-_INT4, _ = _oids("int4")
-_TEXT, _ = _oids("text")
-_BYTEA, _ = _oids("bytea")
+class _IntArrayDumper(_BinaryArrayDumper):
+    oid = _oid("int4", array=True)
 
-_DUMPERS: dict[type[_Array], type[_Dumper]] = {
-    BigintArray: _dumper(
-        "BigintArrayDumper", "int8", lambda self, obj: _pack_ints(_INT8, 8, "q", obj)
-    ),
-    IntArray: _dumper("IntArrayDumper", "int4", lambda self, obj: _pack_ints(_INT4, 4, "i", obj)),
-    TextArray: _dumper(
-        "TextArrayDumper",
-        "text",
-        lambda self, obj: _pack_bytes(
-            _TEXT, (None if v is None else v.encode("utf-8") for v in obj), obj
-        ),
-    ),
-    ByteaArray: _dumper(
-        "ByteaArrayDumper",
-        "bytea",
-        lambda self, obj: _pack_bytes(_BYTEA, (None if v is None else bytes(v) for v in obj), obj),
-    ),
+    def dump(self, obj: Any) -> bytes:
+        return _pack_ints(_INT4, 4, "i", obj)
+
+
+class _TextArrayDumper(_BinaryArrayDumper):
+    oid = _oid("text", array=True)
+
+    def dump(self, obj: Any) -> bytes:
+        return _pack_bytes(_TEXT, [None if v is None else v.encode("utf-8") for v in obj])
+
+
+class _ByteaArrayDumper(_BinaryArrayDumper):
+    oid = _oid("bytea", array=True)
+
+    def dump(self, obj: Any) -> bytes:
+        return _pack_bytes(_BYTEA, [None if v is None else bytes(v) for v in obj])
+
+
+_DUMPERS: dict[type[_Array], type[_BinaryArrayDumper]] = {
+    BigintArray: _BigintArrayDumper,
+    IntArray: _IntArrayDumper,
+    TextArray: _TextArrayDumper,
+    ByteaArray: _ByteaArrayDumper,
 }
 
 

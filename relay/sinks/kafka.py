@@ -125,9 +125,7 @@ class _Batch:
 
     def on_delivery(self, index: int, error: KafkaError | None, record: Any) -> None:
         if error is None:
-            if self.results[index] is None:  # the common case, inline: once per record
-                self.remaining -= 1
-            self.results[index] = Delivered(record.partition(), record.offset(), time.time())
+            self.set(index, Delivered(record.partition(), record.offset(), time.time()))
         else:
             self.fatal = self.fatal or needs_new_producer(error)
             self.set(index, classify(error))

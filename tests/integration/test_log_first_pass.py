@@ -36,6 +36,12 @@ def _publish(conn: psycopg.Connection, numbers: range) -> None:
         )
 
 
+def _each_once_in_key_order(sink: ScriptedSink, count: int) -> None:
+    assert sorted(n for _, n in sink.delivered) == list(range(count)), "each once, none skipped"
+    for key, numbers in sink.order_by_key().items():
+        assert numbers == sorted(numbers), key
+
+
 def test_an_upgrade_from_version_8_delivers_every_message_once_in_key_order(
     database_url: str,
 ) -> None:
@@ -219,9 +225,7 @@ def test_a_database_error_between_read_and_record_reads_the_chunk_again(url: str
             _publish(conn, range(30))
         relay.wait_delivered(30, timeout=20)
     assert failed, "the chunk starting at message 10 failed once"
-    assert sorted(n for _, n in sink.delivered) == list(range(30)), "each once, none skipped"
-    for key, numbers in sink.order_by_key().items():
-        assert numbers == sorted(numbers), key
+    _each_once_in_key_order(sink, 30)
 
 
 def test_a_chunk_read_ahead_of_a_failed_record_is_dropped_and_read_again(url: str) -> None:
@@ -256,9 +260,7 @@ def test_a_chunk_read_ahead_of_a_failed_record_is_dropped_and_read_again(url: st
         relay.wait_delivered(30, timeout=20)
     assert failed, "the record of the chunk starting at message 10 failed once"
     assert True in read, "chunks were read ahead"
-    assert sorted(n for _, n in sink.delivered) == list(range(30)), "each once, none skipped"
-    for key, numbers in sink.order_by_key().items():
-        assert numbers == sorted(numbers), key
+    _each_once_in_key_order(sink, 30)
 
 
 def test_a_failed_read_ahead_loses_nothing(url: str) -> None:
@@ -293,6 +295,4 @@ def test_a_failed_read_ahead_loses_nothing(url: str) -> None:
             _publish(conn, range(40))
         relay.wait_delivered(40, timeout=20)
     assert failed == [True], "the read of the chunk starting at message 20 failed, reading ahead"
-    assert sorted(n for _, n in sink.delivered) == list(range(40)), "each once, none skipped"
-    for key, numbers in sink.order_by_key().items():
-        assert numbers == sorted(numbers), key
+    _each_once_in_key_order(sink, 40)

@@ -166,3 +166,23 @@ def test_observing_many_latencies_at_once_equals_observing_each() -> None:
         )
     assert exposed[0] == exposed[1]
     assert b'lag_seconds_bucket{le="+Inf",route="r"} 36.0' in exposed[1]
+
+
+def test_the_relay_collects_young_objects_less_often_but_never_more_often() -> None:
+    import gc
+
+    from relay.app import GC_YOUNG_THRESHOLD, tune_gc
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+        gc.set_threshold(GC_YOUNG_THRESHOLD * 5, 3, 4)
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD * 5, 3, 4), "a higher one is kept"
+        gc.set_threshold(0, 10, 10)
+        tune_gc()
+        assert gc.get_threshold()[0] == 0, "a disabled collector stays disabled"
+    finally:
+        gc.set_threshold(*saved)
