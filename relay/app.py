@@ -35,7 +35,7 @@ from .store import DB_ERRORS, Store, check_format
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 Started = TypeVar("Started")
 

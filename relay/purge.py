@@ -1,7 +1,8 @@
 """``outbox-relay purge --older-than DURATION``: trim the delivery log and discarded letters.
 
-Deletes ``delivery`` records delivered before the cut-off (``now() - DURATION``, fixed when
-the purge starts) and dead letters discarded before it, never live dead letters; with
+Deletes delivery records delivered before the cut-off (``now() - DURATION``, fixed when
+the purge starts), a whole ``delivery_batch`` row at a time (its records share its
+``delivered_at``), and dead letters discarded before it, never live dead letters; with
 ``--inbox-older-than``, also the consumers' inbox rows accepted before that second cut-off
 (a message redelivered after its row is gone would be processed again). It works in
 batches of at most ``batch_size`` rows, each its own short transaction with a lock timeout:
@@ -27,7 +28,10 @@ those: in all at most ``2 * (W * R / batch_size + B + W)`` block reads and ``R``
 deletions, however the rows are spread. ``W * R / batch_size`` is at most ``B`` (or, when
 one block holds more than a batch and ``W`` is 1, the number of full batches).
 
-No row moves while the walk passes: ``delivery`` and ``inbox`` are append-only, and a
+Batch sizes and windows count rows; the totals count records (a delivery batch row holds
+up to the relay's ``batch_size`` of them).
+
+No row moves while the walk passes: ``delivery_batch`` and ``inbox`` are append-only, and a
 discarded letter is only ever rewritten as a live one (dead-lettered again), which the
 batch's check of the cut-off leaves alone. Rows added meanwhile are newer than the cut-off.
 """
@@ -59,6 +63,7 @@ MAX_PAUSE = 5.0
 # Each purge query (with its ``_span`` and ``_pick`` queries) and the Purged field it counts.
 TABLES = {
     "ops_purge_deliveries": "deliveries",
+    "ops_purge_delivery_rows": "deliveries",  # the records of schema 9 and before
     "ops_purge_discarded": "dead_letters",
     "ops_purge_inbox": "inbox",
 }
@@ -88,9 +93,11 @@ class Cutoffs:
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """Where one table's rows to purge are: how many, and the first and last heap block
-    holding one (``first > last`` when there are none)."""
+    """Where one table's rows to purge are: the records they hold (a delivery batch row holds
+    many), how many rows, and the first and last heap block holding one (``first > last``
+    when there are none)."""
 
+    records: int
     rows: int
     first: int
     last: int
@@ -103,10 +110,11 @@ class Span:
 def count_purgeable(conn: psycopg.Connection[Any], schema: str, cutoffs: Cutoffs) -> Purged:
     """What ``purge`` would delete now; deletes nothing."""
     queries = relay_queries(schema)
-    counts = {}
+    counts: dict[str, int] = {}
     with schema_required(schema):
         for name, cutoff in _cutoffs(conn, schema, cutoffs):
-            counts[TABLES[name]] = _span(conn, queries[f"{name}_span"], cutoff).rows
+            span = _span(conn, queries[f"{name}_span"], cutoff)
+            counts[TABLES[name]] = counts.get(TABLES[name], 0) + span.records
     return Purged(**counts)
 
 
@@ -148,8 +156,10 @@ def _cutoffs(
 def _span(conn: psycopg.Connection[Any], query: sql.Composed, cutoff: dt.datetime | None) -> Span:
     row = conn.execute(query, {"cutoff": cutoff}).fetchone()
     assert row is not None
-    rows, first, last = row
-    return Span(int(rows), 0, -1) if not rows else Span(int(rows), int(first), int(last))
+    records, rows, first, last = row
+    if not rows:
+        return Span(int(records), 0, 0, -1)
+    return Span(int(records), int(rows), int(first), int(last))
 
 
 def _walk(
@@ -160,7 +170,7 @@ def _walk(
     params: dict[str, Any],
     sleep: Callable[[float], None],
 ) -> Iterator[int]:
-    """Rows deleted per batch, front to back over ``span`` (see the module docstring)."""
+    """Records deleted per batch, front to back over ``span`` (see the module docstring)."""
     size = span.window(params["limit"])
     after, block = _start_of(span.first), span.first
     while block <= span.last:
@@ -214,13 +224,14 @@ def _pick_and_delete(
     name: str,
     params: dict[str, Any],
 ) -> tuple[int, str | None]:
-    """Rows deleted, and the tid of the last one picked if the batch was full."""
+    """Records deleted, and the tid of the last row picked if the batch was full."""
     row = conn.execute(queries[f"{name}_pick"], params).fetchone()
     assert row is not None
     picked, last = int(row[0]), row[1]
     if not picked:
         return 0, None
-    deleted = conn.execute(queries[name], params | {"last": last}).rowcount
+    gone = conn.execute(queries[name], params | {"last": last}).fetchone()
+    deleted = int(gone[0]) if gone else 0
     return deleted, last if picked == params["limit"] else None
 
 

@@ -46,9 +46,9 @@ RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 Key = tuple[str, str, bytes]
 
 # The first-pass format this relay speaks (relay_format() in migration 0007; 2 from 0009, the
-# log first pass). A schema that serves a higher one was migrated for newer relays: this one
-# must not read from it.
-RELAY_FORMAT = 2
+# log first pass; 3 from 0010, the delivery log written a batch at a time). A schema that
+# serves a higher one was migrated for newer relays: this one must not read from it.
+RELAY_FORMAT = 3
 
 
 def check_format(schema: str, served: int) -> None:
@@ -482,6 +482,8 @@ class Store:
         ):
             for name in names:
                 params[f"{prefix}_{name}"] = _typed(name, rows.columns.get(name, []))
+        # Each route once, in the order first seen: one delivery batch row each.
+        params["d_routes"] = pgarrays.TextArray(list(dict.fromkeys(params["d_route"])))
         return params
 
     async def _bulk(self, conn: psycopg.AsyncConnection[TupleRow], name: str, rows: Rows) -> None:

@@ -81,22 +81,32 @@ RETURNING m.seq, m.id, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
 
 -- name: finish_first_pass
 -- One statement for the common case: the messages are done on every route. They leave the
--- hot table and their delivery (and dead-letter) rows are written from what was deleted.
+-- hot table; what each route delivered is written from what was deleted as one batch row
+-- per route (d_routes: the routes, each once), and the dead letters one row each. The arrays
+-- of one aggregate call are filled from the same rows in the same order, so their i-th
+-- elements are one message. One plain aggregate per route, over a hash join of the chunk:
+-- no sort, whatever the planner knows of the table.
 WITH gone AS (
     DELETE FROM {schema}.message m
      WHERE m.seq = ANY(%(finished)s::bigint[])
     RETURNING m.*
 ), delivered AS (
-    INSERT INTO {schema}.delivery (message_id, seq, route, topic, msg_key, payload,
-                                   content_type, headers, idempotency_key, created_at,
-                                   attempts, kafka_partition, kafka_offset)
-    SELECT g.id, g.seq, d.route, g.topic, g.msg_key, g.payload, g.content_type, g.headers,
-           g.idempotency_key, g.created_at, d.attempts, d.part, d.off
-      FROM gone g
-      JOIN unnest(%(d_seq)s::bigint[], %(d_route)s::text[], %(d_attempts)s::int[],
-                  %(d_partition)s::int[], %(d_offset)s::bigint[])
-           AS d(seq, route, attempts, part, off) ON d.seq = g.seq
-    RETURNING 1
+    INSERT INTO {schema}.delivery_batch (route, message_id, seq, topic, msg_key, payload,
+                                         content_type, headers, idempotency_key, created_at,
+                                         attempts, kafka_partition, kafka_offset)
+    SELECT r.route, a.*
+      FROM unnest(%(d_routes)s::text[]) AS r(route)
+     CROSS JOIN LATERAL (
+        SELECT array_agg(g.id), array_agg(g.seq), array_agg(g.topic), array_agg(g.msg_key),
+               array_agg(g.payload), array_agg(g.content_type), array_agg(g.headers),
+               array_agg(g.idempotency_key), array_agg(g.created_at), array_agg(d.attempts),
+               array_agg(d.part), array_agg(d.off)
+          FROM gone g
+          JOIN unnest(%(d_seq)s::bigint[], %(d_route)s::text[], %(d_attempts)s::int[],
+                      %(d_partition)s::int[], %(d_offset)s::bigint[])
+               AS d(seq, route, attempts, part, off) ON d.seq = g.seq
+         WHERE d.route = r.route) AS a
+    RETURNING cardinality(message_id) AS n
 ), dead AS (
     INSERT INTO {schema}.dead_letter (message_id, seq, route, topic, msg_key, payload,
                                       content_type, headers, idempotency_key, bucket,
@@ -113,17 +123,22 @@ WITH gone AS (
            dead_at = EXCLUDED.dead_at, discarded_at = NULL, discarded_reason = NULL
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM delivered), (SELECT count(*) FROM dead)
+SELECT (SELECT count(*) FROM gone), (SELECT coalesce(sum(n), 0) FROM delivered),
+       (SELECT count(*) FROM dead)
 
 -- name: insert_deliveries
-INSERT INTO {schema}.delivery (message_id, seq, route, topic, msg_key, payload, content_type,
-                               headers, idempotency_key, created_at, attempts,
-                               kafka_partition, kafka_offset)
-SELECT m.id, m.seq, d.route, m.topic, m.msg_key, m.payload, m.content_type, m.headers,
-       m.idempotency_key, m.created_at, d.attempts, d.part, d.off
+-- What the retry pass delivered: one batch row per route (as in finish_first_pass).
+INSERT INTO {schema}.delivery_batch (route, message_id, seq, topic, msg_key, payload,
+                                     content_type, headers, idempotency_key, created_at,
+                                     attempts, kafka_partition, kafka_offset)
+SELECT d.route, array_agg(m.id), array_agg(m.seq), array_agg(m.topic), array_agg(m.msg_key),
+       array_agg(m.payload), array_agg(m.content_type), array_agg(m.headers),
+       array_agg(m.idempotency_key), array_agg(m.created_at), array_agg(d.attempts),
+       array_agg(d.part), array_agg(d.off)
   FROM unnest(%(seq)s::bigint[], %(route)s::text[], %(attempts)s::int[],
               %(partition)s::int[], %(offset)s::bigint[]) AS d(seq, route, attempts, part, off)
   JOIN {schema}.message m ON m.seq = d.seq
+ GROUP BY d.route
 
 -- name: insert_dead_letters
 INSERT INTO {schema}.dead_letter (message_id, seq, route, topic, msg_key, payload, content_type,
@@ -512,34 +527,66 @@ SELECT now() - %(ago)s::interval
 SELECT set_config('lock_timeout', %(timeout)s::text, true)
 
 -- name: ops_purge_deliveries_span
--- Delivery records older than the cut-off: how many (`purge --dry-run` shows it), the first
--- and last heap block holding one (a tid read as a point is (block, offset)). One pass, with
--- the BRIN index on delivered_at.
-SELECT count(*), (min(ctid)::text::point)[0]::bigint, (max(ctid)::text::point)[0]::bigint
-  FROM {schema}.delivery
+-- Delivery records older than the cut-off: how many (`purge --dry-run` shows it), in how many
+-- batch rows, and the first and last heap block holding one (a tid read as a point is
+-- (block, offset)). A batch is purged whole: its records share its delivered_at. One pass,
+-- with the BRIN index on delivered_at; only the message_id arrays are read.
+SELECT coalesce(sum(cardinality(message_id)), 0), count(*),
+       (min(ctid)::text::point)[0]::bigint, (max(ctid)::text::point)[0]::bigint
+  FROM {schema}.delivery_batch
  WHERE delivered_at < %(cutoff)s::timestamptz
 
 -- name: ops_purge_deliveries_pick
--- How many of them the batch takes in its window, and the last one's tid. ORDER BY ctid makes
--- "every row to purge up to that tid" exact, whatever order the scan returns rows in.
+-- How many batch rows the purge batch takes in its window, and the last one's tid. ORDER BY
+-- ctid makes "every row to purge up to that tid" exact, whatever order the scan returns rows in.
 SELECT count(*), max(ctid)::text
-  FROM (SELECT ctid FROM {schema}.delivery
+  FROM (SELECT ctid FROM {schema}.delivery_batch
          WHERE ctid > %(after)s::tid AND ctid < %(before)s::tid
            AND delivered_at < %(cutoff)s::timestamptz
          ORDER BY ctid
          LIMIT %(limit)s) AS picked
 
 -- name: ops_purge_deliveries
--- Delete them. delivery is append-only: no row moves while purge walks the table, and rows
--- added meanwhile are newer than the cut-off.
-DELETE FROM {schema}.delivery
- WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
-   AND delivered_at < %(cutoff)s::timestamptz
+-- Delete them; returns the delivery records they held. delivery_batch is append-only: no row
+-- moves while purge walks the table, and rows added meanwhile are newer than the cut-off.
+WITH gone AS (
+    DELETE FROM {schema}.delivery_batch
+     WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
+       AND delivered_at < %(cutoff)s::timestamptz
+    RETURNING cardinality(message_id) AS n
+)
+SELECT coalesce(sum(n), 0) FROM gone
+
+-- name: ops_purge_delivery_rows_span
+-- The same for the records written before schema version 10, one row each (delivery_row,
+-- version 9's table, which nothing adds to any more).
+SELECT count(*), count(*), (min(ctid)::text::point)[0]::bigint,
+       (max(ctid)::text::point)[0]::bigint
+  FROM {schema}.delivery_row
+ WHERE delivered_at < %(cutoff)s::timestamptz
+
+-- name: ops_purge_delivery_rows_pick
+SELECT count(*), max(ctid)::text
+  FROM (SELECT ctid FROM {schema}.delivery_row
+         WHERE ctid > %(after)s::tid AND ctid < %(before)s::tid
+           AND delivered_at < %(cutoff)s::timestamptz
+         ORDER BY ctid
+         LIMIT %(limit)s) AS picked
+
+-- name: ops_purge_delivery_rows
+WITH gone AS (
+    DELETE FROM {schema}.delivery_row
+     WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
+       AND delivered_at < %(cutoff)s::timestamptz
+    RETURNING 1
+)
+SELECT count(*) FROM gone
 
 -- name: ops_purge_discarded_span
 -- Dead letters discarded before the cut-off (live letters are never purged): how many, the
 -- first and last heap block holding one. One pass, with dead_letter_discarded_idx.
-SELECT count(*), (min(ctid)::text::point)[0]::bigint, (max(ctid)::text::point)[0]::bigint
+SELECT count(*), count(*), (min(ctid)::text::point)[0]::bigint,
+       (max(ctid)::text::point)[0]::bigint
   FROM {schema}.dead_letter
  WHERE discarded_at < %(cutoff)s::timestamptz
 
@@ -554,14 +601,19 @@ SELECT count(*), max(ctid)::text
 -- name: ops_purge_discarded
 -- A discarded letter is rewritten only when its message is dead-lettered again, as a live
 -- letter: the check of discarded_at, made again on a row's latest version, leaves it alone.
-DELETE FROM {schema}.dead_letter
- WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
-   AND discarded_at < %(cutoff)s::timestamptz
+WITH gone AS (
+    DELETE FROM {schema}.dead_letter
+     WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
+       AND discarded_at < %(cutoff)s::timestamptz
+    RETURNING 1
+)
+SELECT count(*) FROM gone
 
 -- name: ops_purge_inbox_span
 -- Inbox rows accepted before the inbox cut-off (`purge --inbox-older-than`): how many, the
 -- first and last heap block holding one. One pass, with inbox_accepted_idx.
-SELECT count(*), (min(ctid)::text::point)[0]::bigint, (max(ctid)::text::point)[0]::bigint
+SELECT count(*), count(*), (min(ctid)::text::point)[0]::bigint,
+       (max(ctid)::text::point)[0]::bigint
   FROM {schema}.inbox
  WHERE accepted_at < %(cutoff)s::timestamptz
 
@@ -575,9 +627,13 @@ SELECT count(*), max(ctid)::text
 
 -- name: ops_purge_inbox
 -- inbox rows are never updated (a second accept does nothing): none moves during the walk.
-DELETE FROM {schema}.inbox
- WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
-   AND accepted_at < %(cutoff)s::timestamptz
+WITH gone AS (
+    DELETE FROM {schema}.inbox
+     WHERE ctid > %(after)s::tid AND ctid <= %(last)s::tid
+       AND accepted_at < %(cutoff)s::timestamptz
+    RETURNING 1
+)
+SELECT count(*) FROM gone
 
 -- name: ops_disabled_routes_among
 SELECT route, disabled_reason FROM {schema}.route_state

@@ -303,18 +303,22 @@ def insert_delivery(
     delivered_seconds_ago: float = 0.0,
     schema: str = "outbox",
 ) -> uuid.UUID:
-    """Write a delivery record as the relay would after a sink acknowledged the message
-    (with a fresh seq, so records are in insertion order). Returns the message id."""
+    """Write a delivery record as the relay would after a sink acknowledged the message (a
+    batch of one, with a fresh seq, so records are in insertion order). Returns the message
+    id."""
     message_id = message_id or uuid.uuid4()
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
             psql.SQL(
-                "INSERT INTO {s}.delivery (message_id, seq, route, topic, msg_key, payload,"
-                " content_type, headers, idempotency_key, created_at, delivered_at, attempts)"
-                " VALUES (%(id)s, nextval(pg_get_serial_sequence({t}, 'seq')), %(route)s,"
-                " %(topic)s, %(key)s, %(payload)s, 'application/json', %(headers)s, %(idem)s,"
-                " now() - make_interval(secs => %(ago)s + 1),"
-                " now() - make_interval(secs => %(ago)s), 1)"
+                "INSERT INTO {s}.delivery_batch (route, delivered_at, message_id, seq, topic,"
+                " msg_key, payload, content_type, headers, idempotency_key, created_at,"
+                " attempts, kafka_partition, kafka_offset)"
+                " VALUES (%(route)s, now() - make_interval(secs => %(ago)s), ARRAY[%(id)s::uuid],"
+                " ARRAY[nextval(pg_get_serial_sequence({t}, 'seq'))], ARRAY[%(topic)s::text],"
+                " ARRAY[%(key)s::bytea], ARRAY[%(payload)s::bytea], ARRAY['application/json'],"
+                " ARRAY[%(headers)s::jsonb], ARRAY[%(idem)s::text],"
+                " ARRAY[now() - make_interval(secs => %(ago)s + 1)], ARRAY[1],"
+                " ARRAY[NULL::int], ARRAY[NULL::bigint])"
             ).format(s=psql.Identifier(schema), t=psql.Literal(f"{schema}.message")),
             {
                 "id": message_id, "route": route, "topic": topic, "key": key,

@@ -77,10 +77,25 @@ def _idempotency(database_url: str) -> list[tuple[Any, ...]]:
     return query(database_url, "SELECT * FROM outbox.idempotency ORDER BY topic, idempotency_key")
 
 
+def _batches_of_one(rows: str) -> str:
+    """An INSERT of delivery records straight into the log, each a batch of one: ``rows`` is a
+    SELECT of route, delivered_at, message id, seq, topic, key, payload, content type,
+    headers, idempotency key, created_at and attempts."""
+    return (
+        "INSERT INTO outbox.delivery_batch (route, delivered_at, message_id, seq, topic, msg_key,"
+        " payload, content_type, headers, idempotency_key, created_at, attempts, kafka_partition,"
+        " kafka_offset) SELECT route, delivered_at, ARRAY[id], ARRAY[n], ARRAY[topic], ARRAY[k],"
+        " ARRAY[body], ARRAY[ct], ARRAY[h::jsonb], ARRAY[ik::text], ARRAY[created],"
+        " ARRAY[attempts], ARRAY[NULL::int], ARRAY[NULL::bigint] FROM (" + rows + ") AS r(route,"
+        " delivered_at, id, n, topic, k, body, ct, h, ik, created, attempts)"
+    )
+
+
 def _age_deliveries(database_url: str, interval: str, ids: list[uuid.UUID]) -> None:
     execute(
         database_url,
-        "UPDATE outbox.delivery SET delivered_at = now() - %s::interval WHERE message_id = ANY(%s)",
+        "UPDATE outbox.delivery_batch SET delivered_at = now() - %s::interval"
+        " WHERE message_id && %s::uuid[]",
         (interval, ids),
     )
 
@@ -407,11 +422,11 @@ def test_purge_on_a_terminal_shows_progress(database_url: str) -> None:
     migrate(database_url)
     execute(
         database_url,
-        "INSERT INTO outbox.delivery (message_id, seq, route, topic, payload, content_type,"
-        " headers, created_at, delivered_at, attempts)"
-        " SELECT gen_random_uuid(), n, %s, %s, '\\x7b7d', 'application/json', '{}',"
-        " now() - interval '9 days', now() - interval '8 days', 1"
-        " FROM generate_series(1, 25) AS n",
+        _batches_of_one(
+            "SELECT %s, now() - interval '8 days', gen_random_uuid(), n, %s, NULL::bytea,"
+            " '\\x7b7d'::bytea, 'application/json', '{}', NULL, now() - interval '9 days', 1"
+            " FROM generate_series(1, 25) AS n"
+        ),
         (HOOK, TOPIC),
     )
 
@@ -421,11 +436,20 @@ def test_purge_on_a_terminal_shows_progress(database_url: str) -> None:
 
     assert code == 0, output
     progress = [line for line in output.splitlines() if line.startswith("purge: ")]
-    assert progress == [
-        f"purge: {n} delivery record(s), 0 discarded dead letter(s), 0 inbox row(s) so far"
-        f" ({n} batches)"
-        for n in (10, 20)
+    shown = [
+        re.fullmatch(
+            r"purge: (\d+) delivery record\(s\), 0 discarded dead letter\(s\), 0 inbox row\(s\)"
+            r" so far \((\d+) batches\)",
+            line,
+        )
+        for line in progress
     ]
+    assert all(shown), progress
+    # One line every 10 batches; a batch takes at most one record here (one whose window of
+    # heap blocks held none takes nothing).
+    batches = [(int(m[1]), int(m[2])) for m in shown if m]
+    assert [b for _, b in batches] == [10, 20], progress
+    assert all(b - 1 <= records <= b for records, b in batches), progress
     assert output.splitlines()[-1] == (
         "purged 25 delivery record(s) and 0 discarded dead letter(s) older than 7d"
     )
@@ -439,7 +463,7 @@ def test_purge_waits_out_a_lock_instead_of_failing(database_url: str) -> None:
     _age_deliveries(database_url, "8 days", [old])
     with psycopg.connect(database_url) as blocker:
         # SHARE conflicts with the DELETE's ROW EXCLUSIVE lock, as CREATE INDEX would.
-        blocker.execute("LOCK TABLE outbox.delivery IN SHARE MODE")
+        blocker.execute("LOCK TABLE outbox.delivery_batch IN SHARE MODE")
         purge = start_cli("purge", "--older-than", "7d", env=_env(database_url))
         try:
             wait_until(lambda: _waiting_deletes(database_url) == 1, 20, "the purge to wait")
@@ -470,13 +494,14 @@ def _fill(database_url: str, deliveries: int, letters: int, payload_bytes: int =
     that only the purge reads these tables while it runs."""
     execute(
         database_url,
-        "INSERT INTO outbox.delivery (message_id, seq, route, topic, payload, content_type,"
-        " headers, created_at, delivered_at, attempts)"
-        " SELECT gen_random_uuid(), n, 'r', 't', convert_to(repeat('x', %s), 'UTF8'),"
-        " 'application/json', '{}', now() - interval '9 days',"
-        " now() - CASE WHEN n <= %s / 2 THEN interval '8 days' ELSE interval '1 day' END, 1"
-        " FROM generate_series(1, %s) AS n",
-        (payload_bytes, deliveries, deliveries),
+        _batches_of_one(
+            "SELECT 'r',"
+            " now() - CASE WHEN n <= %s / 2 THEN interval '8 days' ELSE interval '1 day' END,"
+            " gen_random_uuid(), n, 't', NULL::bytea, convert_to(repeat('x', %s), 'UTF8'),"
+            " 'application/json', '{}', NULL, now() - interval '9 days', 1"
+            " FROM generate_series(1, %s) AS n"
+        ),
+        (deliveries, payload_bytes, deliveries),
     )
     execute(
         database_url,
@@ -489,14 +514,14 @@ def _fill(database_url: str, deliveries: int, letters: int, payload_bytes: int =
         " FROM generate_series(1, %s) AS n",
         (payload_bytes, letters),
     )
-    for table in ("delivery", "dead_letter"):
+    for table in ("delivery_batch", "dead_letter"):
         execute(database_url, f"ALTER TABLE outbox.{table} SET (autovacuum_enabled = false)")
         execute(database_url, f"VACUUM ANALYZE outbox.{table}")
 
 
 @pytest.mark.parametrize(
     ("table", "batch"),
-    [("delivery", "ops_purge_deliveries"), ("dead_letter", "ops_purge_discarded")],
+    [("delivery_batch", "ops_purge_deliveries"), ("dead_letter", "ops_purge_discarded")],
 )
 def test_a_purge_batch_reads_only_its_window_of_blocks(
     database_url: str, table: str, batch: str
@@ -522,7 +547,7 @@ def test_a_purge_batch_reads_only_its_window_of_blocks(
         scans = {kind for kind, rel, index in plans[name] if "Scan" in kind and (rel or index)}
         assert scans == {"Tid Range Scan"}, plans[name]
     span = plans["ops_purge_deliveries_span"]
-    assert ("Bitmap Index Scan", None, "delivery_delivered_at_idx") in span, span
+    assert ("Bitmap Index Scan", None, "delivery_batch_delivered_at_idx") in span, span
 
 
 def _plan(
@@ -554,7 +579,8 @@ def test_purge_reads_as_many_blocks_in_its_last_batches_as_in_its_first(
         def count_blocks(_: Purged | None = None) -> None:
             conn.execute("SELECT pg_stat_force_next_flush()")
             [row] = conn.execute(
-                "SELECT sum(heap_blks_hit + heap_blks_read) FILTER (WHERE relname = 'delivery'),"
+                "SELECT sum(heap_blks_hit + heap_blks_read)"
+                " FILTER (WHERE relname = 'delivery_batch'),"
                 " sum(heap_blks_hit + heap_blks_read) FILTER (WHERE relname = 'dead_letter')"
                 " FROM pg_statio_user_tables WHERE schemaname = 'outbox'"
             ).fetchall()

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from relay.app import SCHEMA_VERSION
+from relay.store import RELAY_FORMAT
 from tests.acceptance.cli import (
     RelayProcess,
     error_lines,
@@ -146,7 +147,7 @@ def test_sigterm_mid_stream_releases_claims_so_a_restarted_relay_delivers_the_re
     # recorded until SIGTERM has arrived: the
     # signal always lands mid-stream, however fast the machine drains.
     with psycopg.connect(database_url) as blocker:
-        blocker.execute("LOCK TABLE outbox.delivery IN SHARE MODE")
+        blocker.execute("LOCK TABLE outbox.delivery_batch IN SHARE MODE")
         with start_relay(*small_batches, env=env) as first:
             _wait_until(
                 lambda: scalar(database_url, _WAITING_ON_DELIVERY) > 0,
@@ -183,7 +184,8 @@ def test_sigterm_mid_stream_releases_claims_so_a_restarted_relay_delivers_the_re
 
 
 _WAITING_ON_DELIVERY = (
-    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'outbox.delivery'::regclass"
+    "SELECT count(*) FROM pg_locks WHERE NOT granted"
+    " AND relation = 'outbox.delivery_batch'::regclass"
 )
 
 
@@ -311,7 +313,7 @@ def test_run_on_an_outdated_schema_names_both_versions(
 
 NEWER_FORMAT = (
     "CREATE OR REPLACE FUNCTION outbox.relay_format() RETURNS integer LANGUAGE sql "
-    "AS $$ SELECT 3 $$"
+    f"AS $$ SELECT {RELAY_FORMAT + 1} $$"
 )
 
 
@@ -325,7 +327,7 @@ def test_run_on_a_schema_migrated_for_newer_relays_refuses_to_start(
 
     assert result.returncode == 1, result.stderr
     [line] = error_lines(result.stderr)
-    assert "was migrated for a newer outbox-relay (first-pass format 3;" in line
+    assert f"was migrated for a newer outbox-relay (first-pass format {RELAY_FORMAT + 1};" in line
     assert "upgrade the relay" in line
     assert scalar(database_url, "SELECT count(*) FROM outbox.relay") == 0
 

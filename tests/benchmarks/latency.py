@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import statistics
 import threading
 import time
 import uuid
@@ -109,6 +110,10 @@ def _result(
 ) -> Latency:
     measured = [n for n in commits if n >= publishers.first_measured]
     samples = [1000 * (got.times[n] - commits[n]) for n in measured if n in got.times]
+    # Where the time goes: commit to the relay's produce call (the relay's own part), then
+    # produce to arrival (producer, broker and consumer). Record timestamps are whole ms.
+    picked = [1000 * (got.produced[n] - commits[n]) for n in measured if n in got.produced]
+    carried = [1000 * (got.times[n] - got.produced[n]) for n in measured if n in got.produced]
     missing = len(measured) - len(samples)
     note = (f"{pace.threads} publisher threads, 1 message per transaction; relay in its own "
             f"process, poll_interval 1 s; {pace.warmup:.0f} s warm-up excluded")  # fmt: skip
@@ -126,8 +131,17 @@ def _result(
         status="ok" if not missing else "partial", note=note,
         details={"duplicates": got.duplicates,
                  "commit_ms_p50": publishers.commit_ms_p50(), "after_drain": after_drain,
+                 "commit_to_produce_ms": _cuts(picked), "produce_to_arrival_ms": _cuts(carried),
                  "drain_first_s": drained_s, "pinned": pinned},
     )  # fmt: skip
+
+
+def _cuts(samples_ms: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 of ``samples_ms`` (empty when there are none)."""
+    if len(samples_ms) < 2:
+        return {}
+    cuts = statistics.quantiles(sorted(samples_ms), n=100, method="inclusive")
+    return {"p50": round(cuts[49], 1), "p95": round(cuts[94], 1), "p99": round(cuts[98], 1)}
 
 
 # --- the relay, as its own process ----------------------------------------------------------
@@ -242,6 +256,8 @@ class Arrivals:
     bootstrap: str
     topic: str
     times: dict[int, float] = field(default_factory=dict)
+    # When the relay produced each record: its CreateTime (ms), set by the relay's producer.
+    produced: dict[int, float] = field(default_factory=dict)
     duplicates: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -268,6 +284,7 @@ class Arrivals:
                     self.duplicates += 1
                 else:
                     self.times[n] = arrived
+                    self.produced[n] = message.timestamp()[1] / 1000
         finally:
             consumer.close()
 

@@ -26,6 +26,9 @@ SELECT o.n,
                                  'status', 'created', 'note', '')::text AS doc
           FROM generate_series(1, %(messages)s::bigint) AS i) AS o
 
+-- name: freeze_backlog
+VACUUM (FREEZE) {schema}.backlog
+
 -- name: backlog_records
 SELECT id, msg_key, payload, headers FROM {source}.backlog WHERE n <= %(limit)s ORDER BY n
 
@@ -145,8 +148,10 @@ SELECT seq, id, payload, content_type
 WITH gone AS (
     DELETE FROM {schema}.message WHERE seq = %(seq)s RETURNING *
 )
-INSERT INTO {schema}.delivery (message_id, seq, route, topic, msg_key, payload, content_type,
-                               headers, idempotency_key, created_at, attempts)
-SELECT g.id, g.seq, %(route)s, g.topic, g.msg_key, g.payload, g.content_type, g.headers,
-       g.idempotency_key, g.created_at, 1
+INSERT INTO {schema}.delivery_batch (route, message_id, seq, topic, msg_key, payload,
+                                     content_type, headers, idempotency_key, created_at,
+                                     attempts, kafka_partition, kafka_offset)
+SELECT %(route)s, ARRAY[g.id], ARRAY[g.seq], ARRAY[g.topic], ARRAY[g.msg_key], ARRAY[g.payload],
+       ARRAY[g.content_type], ARRAY[g.headers], ARRAY[g.idempotency_key], ARRAY[g.created_at],
+       ARRAY[1], ARRAY[NULL::int], ARRAY[NULL::bigint]
   FROM gone g

@@ -55,9 +55,20 @@ def latency_table(rows: list[Latency]) -> Table:
         cuts = row.percentiles()
         table.add_row(
             row.scenario, f"{row.published:,}", f"{row.received:,}", f"{row.achieved_rate:,.0f}",
-            *(f"{cuts[k]:.1f}" if cuts else "-" for k in ("p50", "p95", "p99", "max")), row.note,
+            *(f"{cuts[k]:.1f}" if cuts else "-" for k in ("p50", "p95", "p99", "max")),
+            row.note + _split(row),
         )  # fmt: skip
     return table
+
+
+def _split(row: Latency) -> str:
+    """Commit to the relay's produce call, and produce to arrival (p50 / p99)."""
+    picked, carried = (row.details.get(k) for k in ("commit_to_produce_ms",
+                                                     "produce_to_arrival_ms"))  # fmt: skip
+    if not picked or not carried:
+        return ""
+    return (f"; commit to produce p50/p99 {picked['p50']:.1f}/{picked['p99']:.1f} ms, "
+            f"produce to arrival {carried['p50']:.1f}/{carried['p99']:.1f} ms")  # fmt: skip
 
 
 def phases_table(rows: list[Throughput]) -> Table | None:

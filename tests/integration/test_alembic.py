@@ -182,7 +182,7 @@ def test_upgrade_head_equals_migrate_and_leaves_migrate_nothing(
     # The app's own tables and Alembic's stayed on the app's search_path.
     assert fetch(database_url, "SELECT to_regclass('public.orders') IS NOT NULL") == [(True,)]
     assert fetch(database_url, "SELECT version_num FROM public.alembic_version") == [
-        ("0006_outbox_9",)
+        ("0007_outbox_10",)
     ]
 
 
@@ -255,7 +255,7 @@ def test_downgrade_refuses_to_drop_objects_the_app_put_in_the_schema(
         command.downgrade(cfg, "0001_orders")
     # Rolled back as a whole: still at head, view and all.
     assert catalog(database_url)["history"] == reference[HEAD]["history"]
-    assert fetch(database_url, "SELECT version_num FROM alembic_version") == [("0006_outbox_9",)]
+    assert fetch(database_url, "SELECT version_num FROM alembic_version") == [("0007_outbox_10",)]
 
 
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])

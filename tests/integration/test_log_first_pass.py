@@ -74,11 +74,11 @@ def test_an_upgrade_from_version_8_delivers_every_message_once_in_key_order(
             " VALUES (gen_random_uuid(), 0, 'r', 't', '{}', '{}', 'application/json', 0, now(), 5,"
             " 'max attempts reached')"
         )
-        assert outbox_lib.migrate(conn) == [9]
+        assert outbox_lib.migrate(conn) == [9, 10]
         columns = "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'outbox'"
         assert scalar(database_url, f"{columns} AND column_name = 'claimed_by'"
                       " AND table_name = 'message'") == 0  # fmt: skip
-        assert scalar(database_url, "SELECT outbox.relay_format()") == 2
+        assert scalar(database_url, "SELECT outbox.relay_format()") == 3
     sink = ScriptedSink(ok)
     with relay_with(database_url, runtime("r", sink), batch_size=7) as relay:
         relay.wait_delivered(COUNT, timeout=30)
@@ -109,7 +109,7 @@ def test_a_downgrade_hands_the_unread_messages_back_to_the_claiming_first_pass(
     with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
         _publish(conn, range(30, 40))
     with sync_engine(database_url) as engine, engine.begin() as sa_conn:
-        assert outbox_lib.alembic.downgrade(sa_conn, to_version=8, schema="outbox") == [9]
+        assert outbox_lib.alembic.downgrade(sa_conn, to_version=8, schema="outbox") == [10, 9]
     unread = fetch(
         database_url,
         "SELECT convert_from(payload, 'UTF8')::jsonb ->> 'n', claimed_by FROM outbox.message"

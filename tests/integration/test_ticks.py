@@ -258,9 +258,9 @@ def test_batches_read_through_indexes_after_a_million_row_bulk_publish_without_a
     # The rest of the hot path on the same table: the record that deletes a chunk, the check
     # of keys queued behind a retry, and the cursor's own statements.
     chunk = [r.seq for r in reader.read_all(start, middle, limit=LIMIT)[:LIMIT]]
-    record = {"finished": chunk, **{f"d_{c}": [] for c in ("seq", "route", "attempts",
-              "partition", "offset")}, **{f"x_{c}": [] for c in ("seq", "route", "attempts",
-              "reason", "error", "status")}}  # fmt: skip
+    record = {"finished": chunk, **{f"d_{c}": [] for c in ("seq", "route", "routes",
+              "attempts", "partition", "offset")}, **{f"x_{c}": [] for c in ("seq", "route",
+              "attempts", "reason", "error", "status")}}  # fmt: skip
     statements = {
         "finish_first_pass": record,
         "blocked_keys": {"topics": ["bulk"] * 10, "keys": [b"k"] * 10},
