@@ -124,7 +124,9 @@ class Engine:
                     log.warning("database unavailable (%s); retrying", one_line(exc))
                     await wait_any(stop, None, OUTAGE_BACKOFF.delay(failures))
                     continue
-                if handled < self.settings.batch_size:
+                # A NOTIFY during the step means more to read now: no wait, and no need to
+                # ask the database how long one would be.
+                if handled < self.settings.batch_size and not wake.is_set():
                     await wait_any(stop, wake, await self._idle_timeout())
         finally:
             stop.set()

@@ -20,11 +20,15 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -34,7 +38,9 @@ from sqlalchemy.orm import Session
 
 import outbox_lib
 from relay.app import run_relay
-from relay.config import load_settings
+from relay.config import Route, load_settings
+from relay.sinks.base import Delivered, Outbound, Result
+from relay.sinks.kafka import KafkaSink
 
 from . import workload as w
 from .results import Latency
@@ -64,7 +70,8 @@ def steady_latency(
     w.fresh_schema(url, SCHEMA)
     with w.connect(url) as conn:
         outbox_lib.migrate(conn, SCHEMA)
-    relay = _start_relay(target, batch_size)
+    acks_file = Path(tempfile.mkdtemp(prefix="outbox-bench-acks-")) / "acks.json"
+    relay = _start_relay(target, batch_size, topic, acks_file)
     arrivals = Arrivals(target.bootstrap, topic)
     arrivals.start()
     try:
@@ -78,7 +85,18 @@ def steady_latency(
         _stop_relay(relay)
         arrivals.stop()
         w.drop_schema(url, SCHEMA)
-    return _result(pace, publishers, commits, arrivals, after_drain, drained_s, pinned)
+    acked = _acks(acks_file)
+    return _result(pace, publishers, commits, arrivals, acked, after_drain, drained_s, pinned)
+
+
+def _acks(path: Path) -> dict[int, float]:
+    """What the relay process noted: message number -> broker acknowledgement time."""
+    try:
+        return {int(n): t for n, t in orjson.loads(path.read_bytes()).items()}
+    except FileNotFoundError:
+        return {}
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def _drain_first(target: w.Target, size: int) -> float:
@@ -104,6 +122,7 @@ def _result(
     publishers: Publishers,
     commits: dict[int, float],
     got: Arrivals,
+    acked: dict[int, float],
     after_drain: int,
     drained_s: float,
     pinned: bool,
@@ -114,6 +133,9 @@ def _result(
     # produce to arrival (producer, broker and consumer). Record timestamps are whole ms.
     picked = [1000 * (got.produced[n] - commits[n]) for n in measured if n in got.produced]
     carried = [1000 * (got.times[n] - got.produced[n]) for n in measured if n in got.produced]
+    # Commit to the broker's acknowledgement, as the relay's delivery report saw it: what
+    # reaches the broker, without the consumer's fetch.
+    to_broker = [1000 * (acked[n] - commits[n]) for n in measured if n in acked]
     missing = len(measured) - len(samples)
     note = (f"{pace.threads} publisher threads, 1 message per transaction; relay in its own "
             f"process, poll_interval 1 s; {pace.warmup:.0f} s warm-up excluded")  # fmt: skip
@@ -132,6 +154,7 @@ def _result(
         details={"duplicates": got.duplicates,
                  "commit_ms_p50": publishers.commit_ms_p50(), "after_drain": after_drain,
                  "commit_to_produce_ms": _cuts(picked), "produce_to_arrival_ms": _cuts(carried),
+                 "commit_to_broker_ms": _cuts(to_broker), "broker_acked": len(to_broker),
                  "drain_first_s": drained_s, "pinned": pinned},
     )  # fmt: skip
 
@@ -147,17 +170,35 @@ def _cuts(samples_ms: list[float]) -> dict[str, float]:
 # --- the relay, as its own process ----------------------------------------------------------
 
 
-def _relay_main(flags: dict[str, Any]) -> None:
-    """Child process: run the relay until SIGTERM (run_relay installs the handlers)."""
+def _relay_main(flags: dict[str, Any], topic: str, acks_path: str) -> None:
+    """Child process: run the relay until SIGTERM (run_relay installs the handlers), noting
+    when the broker acknowledged each message of ``topic`` (its delivery report: the broker
+    has it, acks=all); written to ``acks_path`` as {n: unix time} on the way out."""
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(run_relay(load_settings(flags, env={})))
+    acks: dict[int, float] = {}
+    send = KafkaSink.send
+
+    async def noting(self: KafkaSink, route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        results = await send(self, route, batch)
+        for message, result in zip(batch, results, strict=True):
+            if message.topic == topic and isinstance(result, Delivered):
+                acks.setdefault(orjson.loads(message.payload)["n"], result.acked_at)
+        return results
+
+    KafkaSink.send = noting  # type: ignore[method-assign]
+    try:
+        asyncio.run(run_relay(load_settings(flags, env={})))
+    finally:
+        Path(acks_path).write_bytes(orjson.dumps({str(n): t for n, t in acks.items()}))
 
 
-def _start_relay(target: w.Target, batch_size: int) -> multiprocessing.process.BaseProcess:
+def _start_relay(
+    target: w.Target, batch_size: int, topic: str, acks_path: Path
+) -> multiprocessing.process.BaseProcess:
     flags = {"database_url": target.database_url, "schema": SCHEMA, "batch_size": batch_size,
              "kafka_bootstrap_servers": target.bootstrap, "poll_interval": 1.0}  # fmt: skip
     process = multiprocessing.get_context("spawn").Process(
-        target=_relay_main, args=(flags,), name="outbox-relay", daemon=True
+        target=_relay_main, args=(flags, topic, str(acks_path)), name="outbox-relay", daemon=True
     )
     process.start()
     return process

@@ -62,13 +62,14 @@ def latency_table(rows: list[Latency]) -> Table:
 
 
 def _split(row: Latency) -> str:
-    """Commit to the relay's produce call, and produce to arrival (p50 / p99)."""
-    picked, carried = (row.details.get(k) for k in ("commit_to_produce_ms",
-                                                     "produce_to_arrival_ms"))  # fmt: skip
-    if not picked or not carried:
-        return ""
-    return (f"; commit to produce p50/p99 {picked['p50']:.1f}/{picked['p99']:.1f} ms, "
-            f"produce to arrival {carried['p50']:.1f}/{carried['p99']:.1f} ms")  # fmt: skip
+    """Commit to the broker's acknowledgement, to the relay's produce call, and produce to
+    arrival (p50 / p99 each)."""
+    parts = {"commit to broker ack": "commit_to_broker_ms",
+             "commit to produce": "commit_to_produce_ms",
+             "produce to arrival": "produce_to_arrival_ms"}  # fmt: skip
+    shown = [f"{label} p50/p99 {cuts['p50']:.1f}/{cuts['p99']:.1f} ms"
+             for label, key in parts.items() if (cuts := row.details.get(key))]  # fmt: skip
+    return "".join(f"; {part}" for part in shown)
 
 
 def phases_table(rows: list[Throughput]) -> Table | None:
