@@ -5,7 +5,9 @@ is measured is the NOTIFY wake-up path, not polling. Publisher threads write one
 transaction through ``outbox_lib`` (``Outbox(schema=...).publish``, which is what
 ``outbox_lib.publish`` calls for the default schema) and note ``time.time()`` right after
 each commit; a consumer assigned to every partition (no group join) notes arrival times.
-Message numbers travel in the payload.
+Message numbers travel in the payload. Besides commit-to-consume, the result splits the time:
+commit to the broker's acknowledgement (the relay process notes each delivery report),
+commit to the relay's produce call (the record's CreateTime) and produce to arrival.
 
 As a relay meets it after an outage: before the steady publishing starts, a backlog of
 ``after_drain`` messages (another topic) is committed and drained by the same relay, so the
