@@ -17,6 +17,7 @@ from relay.sinks.base import Delivered, Failed, Result
 from tests.harness.relay import scalar
 from tests.integration.pg_helpers import fetch, sync_engine
 from tests.integration.test_engine_states import ScriptedSink, ok, relay_with, runtime
+from tests.integration.test_log_first_pass import _each_once_in_key_order
 
 pytestmark = pytest.mark.integration
 
@@ -150,9 +151,7 @@ def test_an_upgrade_from_version_9_keeps_the_log_and_delivers_every_message_once
         with psycopg.connect(database_url, autocommit=True) as conn:
             _publish(conn, range(COUNT, COUNT + 20))  # and what commits after the upgrade
         relay.wait_delivered(COUNT + 20, timeout=30)
-    assert sorted(n for _, n in sink.delivered) == list(range(COUNT + 20)), "each once"
-    for key, numbers in sink.order_by_key().items():
-        assert numbers == sorted(numbers), key
+    _each_once_in_key_order(sink, COUNT + 20)
     log = fetch(database_url, LOG)
     assert log[: len(before)] == before, "the old records are still first"
     assert len(log) == len(before) + COUNT + 20
