@@ -26,8 +26,8 @@ SELECT o.n,
                                  'status', 'created', 'note', '')::text AS doc
           FROM generate_series(1, %(messages)s::bigint) AS i) AS o
 
--- name: freeze_backlog
-VACUUM (FREEZE) {schema}.backlog
+-- name: read_backlog
+SELECT count(*) FROM {schema}.backlog
 
 -- name: backlog_records
 SELECT id, msg_key, payload, headers FROM {source}.backlog WHERE n <= %(limit)s ORDER BY n
