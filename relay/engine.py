@@ -3,7 +3,8 @@
 Two passes share the loop. The *first pass* reads the outbox as a log (``relay.ticks``):
 the messages committed between two recorded snapshots, in ``seq`` order, sent to all their
 routes at once; recording them moves one cursor past them, nothing marks a message read. It
-is the hot path, and its cost is the batch, whatever the table's state. The *retry pass*
+is the hot path, and its cost is the batch, whatever the table's state; a chunk's record
+runs on while the next chunk is read and sent (:meth:`Engine._first_pass`). The *retry pass*
 claims ``route_pending`` rows that are due again. Per-key order on a route holds because a
 message queues ("parks") behind any earlier pending work of its key on that route, and
 claims never pass an earlier message of the same key that is leased or not due.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import Settings
@@ -41,7 +42,7 @@ from .plan import (
 from .runtime import MAX_RETRY_AFTER, OUTAGE_BACKOFF, RouteRuntime, log_dead_letters, wait_any
 from .sinks.base import Failed, Outbound, Result
 from .sinks.webhook import WebhookSink
-from .store import DB_ERRORS, FirstPassChunk, FirstPassLost, Store, listen
+from .store import DB_ERRORS, FirstPassChunk, FirstPassLost, FirstPassStale, Store, listen
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class Engine:
     metrics_port: int | None = None  # the port bound (the setting may say 0: any free port)
     # Set when the schema was migrated for newer relays while this one ran: it stops.
     incompatible: SchemaTooNewError | None = None
+    # The first-pass record still running while the next chunk is read and sent (_settle).
+    _recording: asyncio.Future[None] | None = None
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.store.relay_id, self.store.schema)
@@ -122,14 +125,18 @@ class Engine:
                 except DB_ERRORS as exc:
                     failures += 1
                     log.warning("database unavailable (%s); retrying", one_line(exc))
+                    await self._settle_quietly()
                     await wait_any(stop, None, OUTAGE_BACKOFF.delay(failures))
                     continue
                 # A NOTIFY during the step means more to read now: no wait, and no need to
                 # ask the database how long one would be.
                 if handled < self.settings.batch_size and not wake.is_set():
-                    await wait_any(stop, wake, await self._idle_timeout())
+                    await self._settle()
+                    if not wake.is_set():
+                        await wait_any(stop, wake, await self._idle_timeout())
         finally:
             stop.set()
+            await self._settle_quietly()
             # Lanes finish their requests in flight (up to the shutdown grace) and record.
             await asyncio.gather(*lanes, return_exceptions=True)
             for task in tasks:
@@ -172,6 +179,7 @@ class Engine:
         """
         if not self.membership.handoff_due:
             return
+        await self._settle()
         await self.membership.hand_over()
 
     async def _idle_timeout(self) -> float:
@@ -195,19 +203,28 @@ class Engine:
             r for r in inline if (r.pause_left() == 0 and not r.busy) or r.disabled is not None
         ]
         first: list[Outbound] = []
-        pending = await self.store.any_route_pending()
         # Every route paused: read nothing, rather than queue the backlog as retries.
         all_paused = bool(inline) and not active and len(inline) == len(self.routes)
-        if self._reads_first_pass() and not all_paused:
-            chunk = await self.store.read_first_pass(self.settings.batch_size)
+        if await self._reads_first_pass() and not all_paused:
+            # Is anything queued in route_pending, asked beside the read (two connections):
+            # the probe comes first in neither order, and what the chunk's messages must
+            # queue behind was committed before both began.
+            probe = asyncio.ensure_future(self.store.any_route_pending())
+            try:
+                chunk = await self.store.read_first_pass(self.settings.batch_size)
+            finally:
+                pending = await probe
             first = chunk.messages
             if chunk.moves:
                 await self._first_pass(chunk, pending)
             if first:
                 for lane in self.lanes:
                     lane.wake.set()
+        else:
+            pending = await self.store.any_route_pending()
         retry: list[tuple[Outbound, str]] = []
         if pending:
+            await self._settle()  # the retry pass never runs beside a first-pass record
             names = [r.route.name for r in active]
             retry = await self.store.claim_retry_pass(
                 self.settings.batch_size, self.settings.lease_seconds, names
@@ -218,34 +235,47 @@ class Engine:
         self.stats.claimed += len(first) + len(retry)
         return max(len(first), len(retry))
 
-    def _reads_first_pass(self) -> bool:
+    async def _reads_first_pass(self) -> bool:
         """The first pass is this relay's to read while it holds bucket 0."""
         if 0 in self.membership.buckets:
             return True
+        await self._settle()
         self.store.forget_first_pass()
         return False
 
     async def _first_pass(self, chunk: FirstPassChunk, pending: bool) -> None:
-        """Send a chunk to its routes, then record the outcome and move the cursor past it."""
+        """Send a chunk to its routes, then record the outcome and move the cursor past it.
+
+        The record runs on while the next step reads and sends the next chunk: a pipeline of
+        two. That chunk is recorded only after this one commits (its position follows on from
+        the one this record writes); should this record fail, that chunk is never recorded
+        and both are read again from the cursor and sent again (at-least-once, in order: the
+        broker sees a prefix once more). A chunk whose record queues work in
+        ``route_pending`` (a failure, a paused route, a lane) is waited for: the next chunk's
+        messages of those keys must see it and queue behind it.
+        """
         try:
             sending, routes_of, verdicts = await self._start_first_pass(chunk.messages, pending)
             self._judge_all(await sending, verdicts)
             plan = plan_first_pass(chunk.messages, verdicts, routes_of)
+            await self._settle()  # the chunk before this one is recorded first
         except BaseException:
             # Nothing of the chunk is recorded: read it again from the cursor, never past it.
             self.store.forget_first_pass()
             raise
+        self._recording = asyncio.ensure_future(self._record_first_pass(chunk, plan))
+        if plan.fanned:
+            await self._settle()
+
+    async def _record_first_pass(self, chunk: FirstPassChunk, plan: RecordPlan) -> None:
         started = time.monotonic()
         try:
-            # Ride out a short database outage rather than send the chunk again. Should a
-            # commit have happened unseen, the retry finds the cursor moved: nothing is lost.
-            record = self.store.patiently(
-                lambda: self.store.record_first_pass(chunk, plan), self.settings.lease_seconds * 0.8
-            )
-            if chunk.end is None:  # the batch is done: the next one starts after the record
-                await record
-            else:  # the next chunk is read while this one is recorded (sent only after it)
-                await self._record_reading_ahead(record)
+            # Ride out a short database outage rather than send the chunk again.
+            await self.store.record_first_pass(chunk, plan, self.settings.lease_seconds * 0.8)
+        except FirstPassStale:
+            log.debug("first pass: %d messages read ahead of a failed record; reading again",
+                      len(chunk.messages))  # fmt: skip
+            return
         except FirstPassLost as exc:
             # Sent, not recorded: whoever moved the cursor sends these again (at-least-once).
             log.warning("first pass: %s; %d messages not recorded", exc, len(chunk.messages))
@@ -254,21 +284,17 @@ class Engine:
         self._count(plan)
         log_dead_letters(plan, {m.seq: m for m in chunk.messages})
 
-    async def _record_reading_ahead(self, record: Awaitable[None]) -> None:
-        ahead = asyncio.ensure_future(self.store.read_ahead(self.settings.batch_size))
+    async def _settle(self) -> None:
+        """Wait for the first-pass record in flight, if any; raises what made it fail."""
+        recording, self._recording = self._recording, None
+        if recording is not None:
+            await recording
+
+    async def _settle_quietly(self) -> None:
         try:
-            await record
-        except BaseException:
-            ahead.cancel()  # the store drops what it read: the chunk is read again
-            raise
-        finally:
-            try:
-                await ahead
-            except asyncio.CancelledError:
-                if not ahead.cancelled():
-                    raise
-            except Exception as exc:  # noqa: BLE001 - read again from the cursor next step
-                log.debug("first pass: reading ahead failed (%s); reading again", one_line(exc))
+            await self._settle()
+        except Exception as exc:  # noqa: BLE001 - its chunk is read and sent again
+            log.warning("first pass: a record failed (%s); reading again", one_line(exc))
 
     async def _start_first_pass(
         self, messages: list[Outbound], pending: bool

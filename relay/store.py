@@ -1,6 +1,7 @@
 """The relay's narrow connector to PostgreSQL: read, claim, record, listen.
 
-Every method is one short transaction; nothing is held open while a sink works. SQL comes
+Every method is one short transaction; nothing is held open while a sink works. The pool's
+connections are in autocommit mode: a method of several statements opens a transaction. SQL comes
 from ``sql/queries.sql`` (and ``sql/ticks.sql`` for the first pass's batches).
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -76,6 +76,11 @@ class FirstPassLost(Exception):
     this one's lease lapsed): nothing of the chunk was recorded."""
 
 
+class FirstPassStale(FirstPassLost):
+    """A chunk read while the record before it was in flight, and that record failed: the
+    cursor is read again from the database, and the chunk with it; it is never recorded."""
+
+
 @dataclass(frozen=True, slots=True)
 class Position:
     """A row of ``first_pass``: the batch between two ticks, read up to ``after``."""
@@ -88,14 +93,15 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class FirstPassChunk:
-    """Messages read from the first pass, the position they were read from, and the one
-    recording them moves the cursor to (``end`` None: the batch is done)."""
+    """Messages read from the first pass, and the position recording them moves the cursor
+    to (``end`` None: the batch is done). ``resets`` is the store's reset count when it was
+    read: a chunk read before a reset (a failed record) is stale and never recorded."""
 
     messages: list[Outbound]
-    read_from: Position
     start: int
     end: int | None
     after: int
+    resets: int = 0
 
     @property
     def moves(self) -> bool:
@@ -220,12 +226,12 @@ class Store:
         self.spans = Spans()
         # Told of every claim: (pass, rows claimed, seconds); the engine feeds the metrics.
         self.on_claim: Callable[[str, int, float], None] = lambda _pass, _rows, _seconds: None
-        # The first pass's position and its batch, while this relay reads it.
-        self._first: tuple[Position, Tick, Batch | None] | None = None
-        # The next chunk, read while the one before it was being recorded (read_ahead), and
-        # the reset count it was read under: a reset since (a failed record, a lost cursor)
-        # makes it stale, and it is read again from the cursor.
-        self._ahead: tuple[int, FirstPassChunk] | None = None
+        # The first pass while this relay reads it: the cursor as last recorded (or loaded),
+        # and where the next read goes on from: a tick and the batch opened after it (None
+        # until the next read takes the tick that ends it). Reads run ahead of records: the
+        # chunk after the one being recorded is read (and sent) meanwhile, so the two differ.
+        self._position: Position | None = None
+        self._reading: tuple[Tick, Batch | None] | None = None
         self._resets = 0
 
     @classmethod
@@ -244,6 +250,9 @@ class Store:
             max_size=4 + 2 * lanes,
             open=False,
             kwargs={
+                # Every statement is its own transaction, without a BEGIN and a COMMIT
+                # round trip each; what must be one transaction says so (conn.transaction()).
+                "autocommit": True,
                 "application_name": f"outbox-relay {relay_id}"[:63],
                 "options": _session_options(hold_seconds),
             },
@@ -266,12 +275,10 @@ class Store:
         """The next first-pass messages, at most ``limit``, in ``seq`` order.
 
         Only the relay holding bucket 0 calls this. The position is read from the database
-        once, then kept here while each chunk is recorded by :meth:`record_first_pass`.
+        once, then kept here; reads go on from where the last one ended, so the next chunk
+        can be read while the one before it is being recorded (:meth:`record_first_pass`
+        records them in the order read).
         """
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == self._resets and self._first is not None:
-            # Read during the record before it, which has moved the cursor since.
-            return dataclasses.replace(ahead[1], read_from=self._first[0])
         started = time.monotonic()
         if not self.spans.enabled:
             chunk = await self._read_first_pass(limit)
@@ -283,31 +290,36 @@ class Store:
         return chunk
 
     async def _read_first_pass(self, limit: int) -> FirstPassChunk:
+        resets = self._resets
         try:
             async with self._pool.connection() as conn:
-                if self._first is None:
-                    self._first = await self._load_position(conn)
-                position, start, batch = self._first
-                if batch is None:  # open the next batch: a tick ends it. Its ordering lock
-                    await conn.commit()  # lasts to the end of the tick's own transaction
+                if self._reading is None:
+                    if self._position is None:
+                        self._position = await self._load_position(conn)
+                    self._reading = await self._batch_at(conn, self._position)
+                start, batch = self._reading
+                if batch is None:  # open the next batch: a tick ends it (autocommit: the
+                    # lock that orders ticks ends with the statement)
                     batch = Batch(start, await take_tick(conn, self.schema))
-                    await conn.commit()
-                    self._first = (position, start, batch)
+                    if resets == self._resets:
+                        self._reading = (start, batch)
                 messages = await batch.read(conn, self.schema, limit, _first_pass_message)
         except BaseException:
-            self._reset()  # the batch's read state may be ahead of the database
+            if resets == self._resets:  # the batch's read state may be ahead of what was
+                self._reading = None  # returned: read on from the cursor as recorded
             raise
-        return FirstPassChunk(
+        chunk = FirstPassChunk(
             messages=messages,
-            read_from=position,
             start=batch.end.tick_id if batch.done else batch.start.tick_id,
             end=None if batch.done else batch.end.tick_id,
             after=0 if batch.done else batch.after,
+            resets=resets,
         )
+        if batch.done and resets == self._resets:
+            self._reading = (batch.end, None)  # its end starts the next batch
+        return chunk
 
-    async def _load_position(
-        self, conn: psycopg.AsyncConnection[Any]
-    ) -> tuple[Position, Tick, Batch | None]:
+    async def _load_position(self, conn: psycopg.AsyncConnection[Any]) -> Position:
         cur = await conn.execute(self._q["first_pass_position"])
         row = await cur.fetchone()
         if row is None:
@@ -315,30 +327,52 @@ class Store:
                 f"schema {self.schema!r} has no first-pass position (outbox.first_pass is "
                 "empty): reset it as docs/first-pass-log.md describes"
             )
-        position = Position(int(row[0]), int(row[1]), _int(row[2]), int(row[3]))
+        return Position(int(row[0]), int(row[1]), _int(row[2]), int(row[3]))
+
+    async def _batch_at(
+        self, conn: psycopg.AsyncConnection[Any], position: Position
+    ) -> tuple[Tick, Batch | None]:
+        """Where reading goes on from at ``position``: its start tick, and its batch if open."""
         start = await tick(conn, self.schema, position.start)
         if position.end is None:
-            return position, start, None
+            return start, None
         end = await tick(conn, self.schema, position.end)
-        return position, start, Batch(start, end, after=position.after)
+        return start, Batch(start, end, after=position.after)
 
-    async def record_first_pass(self, chunk: FirstPassChunk, plan: RecordPlan) -> None:
-        """Write a chunk's outcome and move the cursor past it, in one transaction; or
-        :class:`FirstPassLost` if the cursor is no longer where the chunk was read from."""
-        try:
+    async def record_first_pass(
+        self, chunk: FirstPassChunk, plan: RecordPlan, within: float = 0.0
+    ) -> None:
+        """Write a chunk's outcome and move the cursor past it, in one transaction, riding
+        out a database outage of up to ``within`` seconds; or :class:`FirstPassLost` if the
+        cursor is no longer where the chunk follows on from (:class:`FirstPassStale`: a
+        record before it failed). Chunks are recorded one at a time, in the order read."""
+        resets, position = self._resets, self._position
+        if chunk.resets != resets or position is None:
+            raise FirstPassStale("read before the record ahead of it failed; read again")
+        moved: list[int | None] = []
+
+        async def record() -> None:
             async with self._pool.connection() as conn, conn.transaction():
-                moved_to = await self._move(conn, chunk) if chunk.moves else None
+                moved_to = await self._move(conn, position, chunk) if chunk.moves else None
                 await self.write(conn, plan)
-        except BaseException:
-            self._reset()
-            raise
-        if moved_to is not None:
-            self._advance(chunk, moved_to)
+            moved.append(moved_to)
 
-    async def _move(self, conn: psycopg.AsyncConnection[Any], chunk: FirstPassChunk) -> int:
+        try:
+            # Should a commit have happened unseen, the next try finds the cursor moved.
+            await self.patiently(record, within)
+        except BaseException:
+            if resets == self._resets:
+                self._reset()
+            raise
+        if moved and moved[-1] is not None and resets == self._resets:
+            self._position = Position(moved[-1], chunk.start, chunk.end, chunk.after)
+
+    async def _move(
+        self, conn: psycopg.AsyncConnection[Any], position: Position, chunk: FirstPassChunk
+    ) -> int:
         """Insert the next position; its id."""
         params = {
-            "prev": chunk.read_from.position_id,
+            "prev": position.position_id,
             "start": chunk.start,
             "end": chunk.end,
             "after": chunk.after,
@@ -350,48 +384,21 @@ class Store:
             raise FirstPassLost(
                 "the first-pass cursor moved under this relay (bucket 0 changed hands)"
             )
-        done_tick = chunk.read_from.start if chunk.end is None else None
+        done_tick = position.start if chunk.end is None else None
         await conn.execute(
-            self._q["forget_first_pass_rows"],
-            {"prev": chunk.read_from.position_id, "tick": done_tick},
+            self._q["forget_first_pass_rows"], {"prev": position.position_id, "tick": done_tick}
         )
         return int(row[0])
 
-    def _advance(self, chunk: FirstPassChunk, position_id: int) -> None:
-        """After a move: keep reading from the new position without asking the database."""
-        if self._first is None:
-            return
-        _, start, batch = self._first
-        position = Position(position_id, chunk.start, chunk.end, chunk.after)
-        if chunk.end is None and batch is not None:
-            self._first = (position, batch.end, None)  # done: its end starts the next batch
-        else:
-            self._first = (position, start, batch)
-
     def forget_first_pass(self) -> None:
-        """Read the position from the database again next time (leadership changed)."""
+        """Read the position from the database again next time (leadership changed, or a
+        chunk was read and not recorded)."""
         self._reset()
 
     def _reset(self) -> None:
-        self._first = None
-        self._ahead = None
+        self._position = None
+        self._reading = None
         self._resets += 1
-
-    async def read_ahead(self, limit: int) -> bool:
-        """While a chunk that did not end its batch is being recorded, read the next one (a
-        second connection): :meth:`read_first_pass` then hands it out once that record has
-        committed, as read from the position the record moved to. Nothing is sent from it
-        before then, so a record that fails loses nothing: the chunk read ahead is dropped
-        and read again from the cursor. False when nothing was read."""
-        batch = self._first[2] if self._first is not None else None
-        if batch is None or batch.done or self._ahead is not None:
-            return False  # the next chunk starts a new batch: that needs the record first
-        resets = self._resets
-        chunk = await self.read_first_pass(limit)
-        if resets != self._resets:
-            return False
-        self._ahead = (resets, chunk)
-        return True
 
     async def claim_retry_pass(
         self, limit: int, lease: float, routes: Sequence[str], claimer: str = "retry"

@@ -36,7 +36,7 @@ from psycopg import sql
 from outbox_lib._sqlfiles import load_queries, with_schema
 
 _QUERIES = load_queries("relay", "sql/ticks.sql")
-# Local to the transaction (none in autocommit mode: then it does nothing).
+# Local to the transaction it runs in (Batch.read opens one for it).
 _NO_SEQSCAN: LiteralString = "SELECT set_config('enable_seqscan', 'off', true)"
 
 T = TypeVar("T")
@@ -56,6 +56,13 @@ class Tick:
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Tick:
         return cls(int(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4]))
+
+    @property
+    def had_running(self) -> bool:
+        """Were transactions running at this tick (``xmin:xmax:xip,...``: any listed, or
+        any begun between the snapshot and ``xnext``)? If not, no late row can follow it."""
+        _xmin, xmax, xip = self.snap.split(":")
+        return bool(xip) or int(xmax) < self.xnext
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,14 +126,17 @@ class Batch:
         row, as selected (``seq`` first), is turned into what ``make`` returns: a
         :class:`Row` unless the caller builds its own objects straight from the tuple."""
         rows: list[tuple[Any, ...]] = []
+        if self.after < self.start.lo and not self.start.had_running:
+            self.after = self.start.lo  # nothing was running at the start: no late rows
         if self.after < self.start.lo:
             # The late rows are found by transaction id, never by reading the table: with
             # statistics taken while a bulk backlog was live (10,000 rows per transaction)
             # the planner costed a few ids above a scan of the whole table and chose it,
             # 12-30 ms a read after a drain (every dead row kept by a long transaction) for
             # none found. For the rest of this read's transaction, no sequential scan.
-            await conn.execute(_NO_SEQSCAN)
-            rows = await self._part(conn, schema, "batch_late", limit, {})
+            async with conn.transaction():
+                await conn.execute(_NO_SEQSCAN)
+                rows = await self._part(conn, schema, "batch_late", limit, {})
             if len(rows) < limit:
                 self.after = self.start.lo  # every late row is read
             elif rows:

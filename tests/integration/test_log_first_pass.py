@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 import outbox_lib
 import outbox_lib.alembic
 from relay.config import Route
-from relay.sinks.base import Outbound, Result
+from relay.sinks.base import Delivered, Failed, Outbound, Result
 from tests.harness.relay import RelayThread, scalar, settings_for, wait_until
 from tests.harness.webhook import WebhookServer, new_secret
 from tests.integration.pg_helpers import fetch, sync_engine
@@ -228,71 +229,130 @@ def test_a_database_error_between_read_and_record_reads_the_chunk_again(url: str
     _each_once_in_key_order(sink, 30)
 
 
-def test_a_chunk_read_ahead_of_a_failed_record_is_dropped_and_read_again(url: str) -> None:
-    """The next chunk is read while one is recorded, and sent only once that record has
-    committed. When the record fails (and is tried again), the chunk read ahead is dropped and
-    read again from the cursor: nothing is skipped, nothing is sent twice, key order holds."""
+def _slow_record(store: Any, first_n: int, seconds: float, fail: bool = False) -> list[int]:
+    """Make the record of the chunk starting at message ``first_n`` take ``seconds`` (and
+    then fail for good, as a record does once its patience is spent, if ``fail``); the
+    seqs of the chunks recorded, in order, are noted in the list returned."""
+    record = store.record_first_pass
+    recorded: list[int] = []
+
+    async def slow(chunk: Any, plan: Any, within: float = 0.0) -> None:
+        if chunk.messages and json.loads(chunk.messages[0].payload)["n"] == first_n:
+            await asyncio.sleep(seconds)
+            if fail and not recorded.count(-1):
+                recorded.append(-1)
+                store._reset()  # what a failed record does to the store's state
+                raise psycopg.OperationalError("the connection broke during the record")
+        await record(chunk, plan, within)
+        recorded.extend(m.seq for m in chunk.messages)
+
+    store.record_first_pass = slow
+    return recorded
+
+
+def test_the_next_chunk_is_sent_while_the_one_before_is_recorded(url: str) -> None:
+    """The first pass is a pipeline of two: while a chunk is recorded, the next is read and
+    sent; it is recorded only after the one before has committed, so records stay in order."""
+    sent_during: list[int] = []
     sink = ScriptedSink(ok)
     with relay_with(url, runtime("r", sink), batch_size=10) as relay:
         assert relay.engine is not None
-        store = relay.engine.store
-        record, read_ahead = store.record_first_pass, store.read_ahead
-        failed: list[int] = []
-        read: list[bool] = []
+        recorded = _slow_record(relay.engine.store, 10, 0.5)
+        send = sink.send
 
-        async def fail_once(chunk: Any, plan: Any) -> None:
-            if not failed and chunk.messages and json.loads(chunk.messages[0].payload)["n"] == 10:
-                await asyncio.sleep(0.2)  # the read ahead is done by now
-                failed.append(chunk.messages[0].seq)
-                # What a failed record does to the store's state, before the error.
-                store._reset()
-                raise psycopg.OperationalError("the connection broke during the record")
-            await record(chunk, plan)
+        async def noting(route: Route, batch: Sequence[Outbound]) -> list[Result]:
+            if (
+                recorded
+                and recorded[-1] < batch[0].seq
+                and any(json.loads(m.payload)["n"] == 20 for m in batch)
+            ):
+                sent_during.append(len(recorded))
+            return await send(route, batch)
 
-        async def spy(limit: int) -> bool:
-            read.append(await read_ahead(limit))
-            return read[-1]
-
-        store.record_first_pass = fail_once  # type: ignore[method-assign]
-        store.read_ahead = spy  # type: ignore[method-assign]
+        sink.send = noting  # type: ignore[method-assign]
         with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
             _publish(conn, range(30))
         relay.wait_delivered(30, timeout=20)
-    assert failed, "the record of the chunk starting at message 10 failed once"
-    assert True in read, "chunks were read ahead"
+        wait_until(lambda: len(recorded) == 30, 10, "every record")
+    assert sent_during == [10], "messages 20-29 went out while 10-19 were being recorded"
+    assert recorded == sorted(recorded), "chunks are recorded in the order read"
     _each_once_in_key_order(sink, 30)
+    assert scalar(url, "SELECT count(*) FROM outbox.message") == 0
 
 
-def test_a_failed_read_ahead_loses_nothing(url: str) -> None:
-    """A database error while reading ahead: the record goes on, and the next chunk is read
-    again from the cursor."""
+def test_a_chunk_sent_ahead_of_a_failed_record_is_never_recorded_and_goes_again(
+    url: str,
+) -> None:
+    """When a record fails for good, the chunk read and sent meanwhile is dropped too: both
+    are read again from the cursor and sent again. Nothing is skipped; the broker sees those
+    two chunks once more, in order (at-least-once): every key's first deliveries are in
+    order, and so is every key's delivery sequence once the replayed run is set aside."""
     sink = ScriptedSink(ok)
     with relay_with(url, runtime("r", sink), batch_size=10) as relay:
         assert relay.engine is not None
-        store = relay.engine.store
-        read_first_pass, read_ahead = store.read_first_pass, store.read_ahead
+        recorded = _slow_record(relay.engine.store, 10, 0.3, fail=True)
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            _publish(conn, range(40))
+        relay.wait_delivered(40, timeout=30)
+        wait_until(
+            lambda: scalar(url, "SELECT count(*) FROM outbox.message") == 0, 10, "every record"
+        )
+    assert -1 in recorded, "the record of messages 10-19 failed"
+    numbers = [n for _, n in sink.delivered]
+    assert sorted(set(numbers)) == list(range(40)), "none skipped"
+    again = sorted(n for n, c in Counter(numbers).items() if c > 1)
+    assert again == list(range(10, 30)), "exactly the failed chunk and the one sent ahead"
+    assert all(c == 2 for c in Counter(numbers).values() if c > 1)
+    for key, seen in sink.order_by_key().items():
+        firsts = list(dict.fromkeys(seen))
+        assert firsts == sorted(firsts), key
+        replay = next((i for i, n in enumerate(seen) if n in seen[:i]), len(seen))
+        assert seen[:replay] == sorted(seen[:replay]), key
+        assert seen[replay:] == sorted(seen[replay:]), key
+
+
+def test_a_failed_read_while_a_record_runs_loses_nothing(url: str) -> None:
+    """A database error while the next chunk is read during a record: the record commits,
+    and the next chunk is read again from the cursor, each message once."""
+    sink = ScriptedSink(ok)
+    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
+        assert relay.engine is not None
+        engine, store = relay.engine, relay.engine.store
+        _slow_record(store, 10, 0.3)
+        read_first_pass = store.read_first_pass
         failed: list[bool] = []
-        ahead = [False]
 
         async def fail_once(limit: int) -> Any:
             chunk = await read_first_pass(limit)
             if not failed and chunk.messages and json.loads(chunk.messages[0].payload)["n"] == 20:
-                failed.append(ahead[0])
-                store._reset()  # what the store does when its read fails
+                recording = engine._recording
+                failed.append(recording is not None and not recording.done())
+                store._reading = None  # what the store does when its read fails
                 raise psycopg.OperationalError("the database went away while reading")
             return chunk
 
-        async def reading_ahead(limit: int) -> bool:
-            ahead[0] = True
-            try:
-                return await read_ahead(limit)
-            finally:
-                ahead[0] = False
-
-        store.read_ahead = reading_ahead  # type: ignore[method-assign]
         store.read_first_pass = fail_once  # type: ignore[method-assign]
         with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
             _publish(conn, range(40))
         relay.wait_delivered(40, timeout=20)
-    assert failed == [True], "the read of the chunk starting at message 20 failed, reading ahead"
+    assert failed == [True], "the read of the chunk starting at message 20 failed mid-record"
     _each_once_in_key_order(sink, 40)
+
+
+def test_a_chunk_that_queues_a_retry_is_recorded_before_the_next_is_sent(url: str) -> None:
+    """A chunk whose record writes route_pending (a failure here) is not left recording
+    while the next chunk goes out: that chunk's messages of the failed key must see the
+    retry and queue behind it."""
+
+    def decide(n: int, attempt: int) -> Result:
+        return Failed("retry", "flaky", "try later") if n == 5 and attempt == 1 else Delivered()
+
+    sink = ScriptedSink(decide)
+    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
+        assert relay.engine is not None
+        _slow_record(relay.engine.store, 0, 0.3)
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            _publish(conn, range(30))
+        relay.wait_delivered(30, timeout=20)
+    assert sink.attempts[5] == 2
+    _each_once_in_key_order(sink, 30)

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from relay.store import _session_options, relay_queries
-from relay.ticks import Batch, Row, Tick, _statement, take_tick, tick
+from relay.ticks import _NO_SEQSCAN, Batch, Row, Tick, _statement, take_tick, tick
 
 pytestmark = pytest.mark.integration
 
@@ -190,7 +190,9 @@ def test_concurrent_writers_every_committed_message_read_exactly_once(
     reading.join(60)
 
     assert sorted(seen) == sorted(committed), "each committed message exactly once"
-    assert len(committed) > 500 and sum(1 for b in batches if b) > 20
+    # Many batches, each meeting writers mid-transaction (18 on a loaded machine, 40 or more
+    # on an idle one: the count is how often the reader got the CPU, not what is tested).
+    assert len(committed) > 500 and sum(1 for b in batches if b) > 10
     assert all(b == sorted(b) for b in batches), "each batch in seq order"
     assert sorted(numbers(reader.read_all(first, reader.tick()))) == sorted(seen)
 
@@ -310,6 +312,18 @@ def test_the_late_rows_read_is_never_prepared(url: str, reader: Reader) -> None:
     assert not any("pg_snapshot_xip" in s for s in prepared), prepared
 
 
+async def _seq_scans(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Sequential scans of ``message`` so far, this session's included (flushed first)."""
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    await conn.execute("SELECT 1")  # the flush happens at the end of a transaction
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    cur = await conn.execute(
+        "SELECT seq_scan FROM pg_stat_user_tables WHERE relid = 'outbox.message'::regclass"
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 def test_the_late_rows_read_never_scans_the_table_on_stale_statistics(url: str) -> None:
     """Statistics taken while a bulk backlog was live say 50,000 rows per transaction id;
     after the drain deleted it, the late-rows read of a steady trickle finds none. Planned on
@@ -327,8 +341,9 @@ def test_the_late_rows_read_never_scans_the_table_on_stale_statistics(url: str) 
         conn.execute("ANALYZE outbox.message")  # taken while the backlog is live
         conn.execute("DELETE FROM outbox.message")  # the drain
         publish(conn, *range(5))
-        start = Tick.from_row(conn.execute(TAKE_TICK).fetchone() or ())
-        publish(conn, 5)
+        with psycopg.connect(url) as running:  # running at the start tick: a late row
+            publish(running, 5)
+            start = Tick.from_row(conn.execute(TAKE_TICK).fetchone() or ())
         end = Tick.from_row(conn.execute(TAKE_TICK).fetchone() or ())
     params = {"after": 0, "limit": LIMIT, "start_snap": start.snap, "start_lo": start.lo,
               "start_next": start.xnext, "end_snap": end.snap}  # fmt: skip
@@ -338,9 +353,12 @@ def test_the_late_rows_read_never_scans_the_table_on_stale_statistics(url: str) 
         options = _session_options(10.0)
         async with await psycopg.AsyncConnection.connect(url, options=options) as relay:
             batch = Batch(start, end)
-            rows = await batch.read(relay, SCHEMA, LIMIT)  # in a transaction, as the relay's
-            cur = await relay.execute(explain, params)  # the same transaction, after the read
-            plan = await cur.fetchall()
+            before = await _seq_scans(relay)
+            rows = await batch.read(relay, SCHEMA, LIMIT)
+            assert await _seq_scans(relay) == before, "the read scanned the table"
+            async with relay.transaction():  # planned as that read plans it
+                await relay.execute(_NO_SEQSCAN)
+                plan = await (await relay.execute(explain, params)).fetchall()
             return rows, plan
 
     rows, [(plan,)] = asyncio.run(read_as_the_relay())
@@ -349,3 +367,62 @@ def test_the_late_rows_read_never_scans_the_table_on_stale_statistics(url: str) 
     assert [n for n in nodes if n["Node Type"] == "Seq Scan"] == [], nodes
     assert not [n for n in nodes if n["Node Type"].startswith("Gather")], nodes
     assert not [n for n in nodes if n.get("Parallel Aware")], nodes
+
+
+def test_the_late_rows_read_finds_rows_by_transaction_among_dead_rows_nobody_can_vacuum(
+    url: str,
+) -> None:
+    """After a drain under a pinned xmin, autovacuum can remove nothing but analyzes: the
+    statistics say the table is empty while every dead row stays. Planned on that, the
+    late-rows read walked the whole partial index of unrouted messages (every dead entry,
+    43-105 ms a read: commit-to-broker p50 of 100 ms in the pinned latency benchmark). It
+    goes in by transaction id, whatever the statistics say; and when no transaction ran at
+    the start tick there is nothing late to look for, so it is not run at all."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(5):
+            with conn.transaction():
+                conn.execute(
+                    "SELECT outbox.publish('bulk', jsonb_build_object('n', n))"
+                    " FROM generate_series(1, 10000) AS n"
+                )
+        with psycopg.connect(url) as pinned, psycopg.connect(url) as running:
+            pinned.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            pinned.execute("SELECT count(*) FROM outbox.message")  # holds the snapshot
+            conn.execute("DELETE FROM outbox.message")  # the drain
+            conn.execute("ANALYZE outbox.message")  # autovacuum's, after the drain
+            publish(running, 1)  # a transaction running at the start tick
+            start = Tick.from_row(conn.execute(TAKE_TICK).fetchone() or ())
+            running.commit()
+            end = Tick.from_row(conn.execute(TAKE_TICK).fetchone() or ())
+            quiet = Tick.from_row(conn.execute(TAKE_TICK).fetchone() or ())
+            assert start.had_running and not quiet.had_running
+            params = {"after": 0, "limit": LIMIT, "start_snap": start.snap, "end_snap": end.snap,
+                      "start_lo": start.lo, "start_next": start.xnext}  # fmt: skip
+            explain = psycopg.sql.SQL("EXPLAIN (FORMAT JSON) ") + _statement("batch_late", SCHEMA)
+
+            async def read_as_the_relay() -> tuple[list[Row], list[Any], list[str]]:
+                options = _session_options(10.0)
+                async with await psycopg.AsyncConnection.connect(url, options=options) as relay:
+                    rows = await Batch(start, end).read(relay, SCHEMA, LIMIT)
+                    plan = await (await relay.execute(explain, params)).fetchall()
+                    statements: list[str] = []
+                    execute = relay.execute
+
+                    async def noting(query: Any, *args: Any, **kwargs: Any) -> Any:
+                        statements.append(str(query))
+                        return await execute(query, *args, **kwargs)
+
+                    relay.execute = noting  # type: ignore[method-assign]
+                    await Batch(quiet, quiet).read(relay, SCHEMA, LIMIT)
+                    return rows, plan, statements
+
+            rows, [(plan,)], statements = asyncio.run(read_as_the_relay())
+    assert numbers(rows) == [1], "the late row is read"
+    on_message = [n for n in _nodes(plan[0]["Plan"]) if n.get("Relation Name") == "message"
+                  or n.get("Index Name", "").startswith("message")]  # fmt: skip
+    assert on_message, plan
+    for node in on_message:
+        assert node["Node Type"] != "Seq Scan", node
+        if "Index Name" in node:
+            assert node["Index Name"] == "message_xid_idx" and "Index Cond" in node, node
+    assert not any("batch_late" in s or "enable_seqscan" in s for s in statements), statements
