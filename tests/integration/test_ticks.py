@@ -312,6 +312,17 @@ def test_the_late_rows_read_is_never_prepared(url: str, reader: Reader) -> None:
     assert not any("pg_snapshot_xip" in s for s in prepared), prepared
 
 
+def _bulk_publish(conn: psycopg.Connection[Any], transactions: int, each: int, pad: int) -> None:
+    """A bulk job's backlog: ``transactions`` of ``each`` messages (topic 'bulk')."""
+    for _ in range(transactions):
+        with conn.transaction():
+            conn.execute(
+                "SELECT outbox.publish('bulk', jsonb_build_object('n', n, 'pad', repeat('x', %s)))"
+                " FROM generate_series(1, %s) AS n",
+                (pad, each),
+            )
+
+
 async def _seq_scans(conn: psycopg.AsyncConnection[Any]) -> int:
     """Sequential scans of ``message`` so far, this session's included (flushed first)."""
     await conn.execute("SELECT pg_stat_force_next_flush()")
@@ -332,12 +343,7 @@ def test_the_late_rows_read_never_scans_the_table_on_stale_statistics(url: str) 
     relay reads (its session options, in a transaction), it scans no table and starts no
     workers."""
     with psycopg.connect(url, autocommit=True) as conn:
-        for _ in range(4):
-            with conn.transaction():
-                conn.execute(
-                    "SELECT outbox.publish('bulk', jsonb_build_object('n', n, 'pad',"
-                    " repeat('x', 100))) FROM generate_series(1, 50000) AS n"
-                )
+        _bulk_publish(conn, transactions=4, each=50_000, pad=100)
         conn.execute("ANALYZE outbox.message")  # taken while the backlog is live
         conn.execute("DELETE FROM outbox.message")  # the drain
         publish(conn, *range(5))
@@ -379,12 +385,7 @@ def test_the_late_rows_read_finds_rows_by_transaction_among_dead_rows_nobody_can
     goes in by transaction id, whatever the statistics say; and when no transaction ran at
     the start tick there is nothing late to look for, so it is not run at all."""
     with psycopg.connect(url, autocommit=True) as conn:
-        for _ in range(5):
-            with conn.transaction():
-                conn.execute(
-                    "SELECT outbox.publish('bulk', jsonb_build_object('n', n))"
-                    " FROM generate_series(1, 10000) AS n"
-                )
+        _bulk_publish(conn, transactions=5, each=10_000, pad=0)
         with psycopg.connect(url) as pinned, psycopg.connect(url) as running:
             pinned.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             pinned.execute("SELECT count(*) FROM outbox.message")  # holds the snapshot
