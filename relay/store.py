@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
@@ -44,6 +44,7 @@ DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 RECORD_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
 Key = tuple[str, str, bytes]
+T = TypeVar("T")
 
 # The first-pass format this relay speaks (relay_format() in migration 0007; 2 from 0009, the
 # log first pass; 3 from 0010, the delivery log written a batch at a time). A schema that
@@ -349,23 +350,22 @@ class Store:
         resets, position = self._resets, self._position
         if chunk.resets != resets or position is None:
             raise FirstPassStale("read before the record ahead of it failed; read again")
-        moved: list[int | None] = []
 
-        async def record() -> None:
+        async def record() -> int | None:
             async with self._pool.connection() as conn, conn.transaction():
                 moved_to = await self._move(conn, position, chunk) if chunk.moves else None
                 await self.write(conn, plan)
-            moved.append(moved_to)
+            return moved_to
 
         try:
             # Should a commit have happened unseen, the next try finds the cursor moved.
-            await self.patiently(record, within)
+            moved_to = await self.patiently(record, within)
         except BaseException:
             if resets == self._resets:
                 self._reset()
             raise
-        if moved and moved[-1] is not None and resets == self._resets:
-            self._position = Position(moved[-1], chunk.start, chunk.end, chunk.after)
+        if moved_to is not None and resets == self._resets:
+            self._position = Position(moved_to, chunk.start, chunk.end, chunk.after)
 
     async def _move(
         self, conn: psycopg.AsyncConnection[Any], position: Position, chunk: FirstPassChunk
@@ -454,8 +454,9 @@ class Store:
         than letting the leased rows be delivered again; then the error is raised."""
         await self.patiently(lambda: self.record(plan), within)
 
-    async def patiently(self, work: Callable[[], Awaitable[None]], within: float) -> None:
-        """Run ``work`` again while the database is unreachable, for up to ``within`` s."""
+    async def patiently(self, work: Callable[[], Awaitable[T]], within: float) -> T:
+        """Run ``work`` again while the database is unreachable, for up to ``within`` s;
+        what it returns."""
         retrying = AsyncRetrying(
             stop=stop_after_delay(within),
             wait=RECORD_BACKOFF.delay_strategy,
@@ -464,7 +465,8 @@ class Store:
         )
         async for attempt in retrying:
             with attempt:
-                await work()
+                result = await work()
+        return result
 
     async def write(self, conn: psycopg.AsyncConnection[Any], plan: RecordPlan) -> None:
         """The plan's statements, in the caller's transaction."""

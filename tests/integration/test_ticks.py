@@ -326,7 +326,7 @@ def _bulk_publish(conn: psycopg.Connection[Any], transactions: int, each: int, p
 async def _seq_scans(conn: psycopg.AsyncConnection[Any]) -> int:
     """Sequential scans of ``message`` so far, this session's included (flushed first)."""
     await conn.execute("SELECT pg_stat_force_next_flush()")
-    await conn.execute("SELECT 1")  # the flush happens at the end of a transaction
+    await conn.commit()  # the backend flushes when it goes idle after a transaction
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     cur = await conn.execute(
         "SELECT seq_scan FROM pg_stat_user_tables WHERE relid = 'outbox.message'::regclass"
