@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -135,6 +136,7 @@ async def _schema_version(store: Store) -> int | None:
 # promoted them into generations whose collections walk the whole heap. At 10,000 the 200k
 # drain ran 22% faster (docs/performance.md), for a few MB of garbage held a little longer.
 GC_YOUNG_THRESHOLD = 10_000
+SWITCH_INTERVAL_S = 0.0005
 
 
 def tune_gc() -> None:
@@ -142,6 +144,18 @@ def tune_gc() -> None:
     young, middle, old = gc.get_threshold()
     if 0 < young < GC_YOUNG_THRESHOLD:
         gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
+def tune_switching() -> None:
+    """Hand the GIL over sooner (never later than already set).
+
+    The Kafka sink produces in a worker thread while the event loop reads and records. Each
+    time the loop calls into libpq it lets go of the GIL, the producing thread takes it, and
+    the loop waited up to the default switch interval (5 ms) to get it back, several times
+    per chunk. At 0.5 ms a relay drained a 200,000 backlog about 13% faster on 2 cores
+    (0.2 and 0.1 ms: slower again, the threads trade the GIL too often)."""
+    if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 async def run_relay(
@@ -152,6 +166,7 @@ async def run_relay(
     """Run until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is not given)."""
     routes = build_routes(settings)
     tune_gc()
+    tune_switching()
     relay_id = new_relay_id()
     tag_relay(relay_id)
     # From here on a signal stops the relay cleanly, while it waits for the database too.

@@ -3,8 +3,9 @@
 Two passes share the loop. The *first pass* reads the outbox as a log (``relay.ticks``):
 the messages committed between two recorded snapshots, in ``seq`` order, sent to all their
 routes at once; recording them moves one cursor past them, nothing marks a message read. It
-is the hot path, and its cost is the batch, whatever the table's state; a chunk's record
-runs on while the next chunk is read and sent (:meth:`Engine._first_pass`). The *retry pass*
+is the hot path, and its cost is the batch, whatever the table's state; while a chunk is
+sent, the next one is read and the one before is recorded (:meth:`Engine._first_pass`). The
+*retry pass*
 claims ``route_pending`` rows that are due again. Per-key order on a route holds because a
 message queues ("parks") behind any earlier pending work of its key on that route, and
 claims never pass an earlier message of the same key that is leased or not due.
@@ -77,6 +78,12 @@ class Engine:
     incompatible: SchemaTooNewError | None = None
     # The first-pass record still running while the next chunk is read and sent (_settle).
     _recording: asyncio.Future[None] | None = None
+    # The chunk after the one being sent, read (beside the route_pending probe) meanwhile.
+    _ahead: asyncio.Future[tuple[FirstPassChunk, bool]] | None = None
+    # A chunk recorded while the one read ahead of it was in flight queued route_pending
+    # work: that one's messages must be checked against it, whatever its probe said.
+    _queued_meanwhile: bool = False
+    _wake: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.store.relay_id, self.store.schema)
@@ -107,7 +114,7 @@ class Engine:
     async def run(self, stop: asyncio.Event, conninfo: str) -> None:
         """Drain until ``stop`` is set, then hand back anything still held."""
         self._stop = stop
-        wake = asyncio.Event()
+        wake = self._wake = asyncio.Event()
         tasks = [
             asyncio.create_task(listen(conninfo, self.store.schema, wake, stop)),
             asyncio.create_task(self.membership.run(stop, wake)),
@@ -125,18 +132,18 @@ class Engine:
                 except DB_ERRORS as exc:
                     failures += 1
                     log.warning("database unavailable (%s); retrying", one_line(exc))
-                    await self._settle_quietly()
+                    await self._quiesce()
                     await wait_any(stop, None, OUTAGE_BACKOFF.delay(failures))
                     continue
-                # A NOTIFY during the step means more to read now: no wait, and no need to
-                # ask the database how long one would be.
-                if handled < self.settings.batch_size and not wake.is_set():
+                # A NOTIFY during the step, or a chunk read ahead, means more to read now: no
+                # wait, and no need to ask the database how long one would be.
+                if handled < self.settings.batch_size and not wake.is_set() and self._ahead is None:
                     await self._settle()
                     if not wake.is_set():
                         await wait_any(stop, wake, await self._idle_timeout())
         finally:
             stop.set()
-            await self._settle_quietly()
+            await self._quiesce()
             # Lanes finish their requests in flight (up to the shutdown grace) and record.
             await asyncio.gather(*lanes, return_exceptions=True)
             for task in tasks:
@@ -179,7 +186,7 @@ class Engine:
         """
         if not self.membership.handoff_due:
             return
-        await self._settle()
+        await self._stop_reading()
         await self.membership.hand_over()
 
     async def _idle_timeout(self) -> float:
@@ -206,14 +213,7 @@ class Engine:
         # Every route paused: read nothing, rather than queue the backlog as retries.
         all_paused = bool(inline) and not active and len(inline) == len(self.routes)
         if await self._reads_first_pass() and not all_paused:
-            # Is anything queued in route_pending, asked beside the read (two connections):
-            # the probe comes first in neither order, and what the chunk's messages must
-            # queue behind was committed before both began.
-            probe = asyncio.ensure_future(self.store.any_route_pending())
-            try:
-                chunk = await self.store.read_first_pass(self.settings.batch_size)
-            finally:
-                pending = await probe
+            chunk, pending = await self._next_chunk()
             first = chunk.messages
             if chunk.moves:
                 await self._first_pass(chunk, pending)
@@ -221,6 +221,8 @@ class Engine:
                 for lane in self.lanes:
                     lane.wake.set()
         else:
+            if self._ahead is not None:  # nothing is sent now: read it again later
+                await self._stop_reading()
             pending = await self.store.any_route_pending()
         retry: list[tuple[Outbound, str]] = []
         if pending:
@@ -239,23 +241,84 @@ class Engine:
         """The first pass is this relay's to read while it holds bucket 0."""
         if 0 in self.membership.buckets:
             return True
+        await self._stop_reading()
+        return False
+
+    async def _stop_reading(self) -> None:
+        """Nothing of the first pass in flight: the chunk read ahead is dropped, the record
+        is waited for, and the next read starts from the cursor in the database."""
+        await self._drop_ahead()
         await self._settle()
         self.store.forget_first_pass()
-        return False
+
+    async def _read_chunk(self) -> tuple[FirstPassChunk, bool]:
+        """The next chunk, and whether anything is queued in route_pending, asked beside the
+        read (two connections): the probe comes first in neither order, and what the
+        chunk's messages must queue behind was committed before both began."""
+        probe = asyncio.ensure_future(self.store.any_route_pending())
+        try:
+            chunk = await self.store.read_first_pass(self.settings.batch_size)
+        finally:
+            pending = await probe
+        return chunk, pending
+
+    async def _next_chunk(self) -> tuple[FirstPassChunk, bool]:
+        """The chunk read ahead, unless a failed record made it stale; else a new read."""
+        ahead, self._ahead = self._ahead, None
+        queued, self._queued_meanwhile = self._queued_meanwhile, False
+        if ahead is not None:
+            chunk, pending = await ahead
+            if self.store.current(chunk):
+                return chunk, pending or queued
+        return await self._read_chunk()
+
+    def _reads_ahead(self, chunk: FirstPassChunk) -> bool:
+        """Read the next chunk while this one is sent? When this one filled the batch size
+        (a backlog), or a NOTIFY came since the step began (more committed meanwhile)."""
+        if len(chunk.messages) >= self.settings.batch_size:
+            return True
+        return self._wake is not None and self._wake.is_set()
+
+    async def _drop_ahead(self) -> bool:
+        """Wait for the read ahead, if any, and drop it; was there one? The store's reading
+        has moved past it: the caller makes the next read start from the cursor again."""
+        ahead, self._ahead = self._ahead, None
+        self._queued_meanwhile = False
+        if ahead is None:
+            return False
+        try:
+            await ahead
+        except Exception as exc:  # noqa: BLE001 - nothing of it was sent
+            log.debug("first pass: the read ahead failed (%s)", one_line(exc))
+        return True
+
+    async def _quiesce(self) -> None:
+        """After a failure, or on the way out: nothing of the first pass in flight, and the
+        next read from the cursor in the database if a chunk read ahead was dropped."""
+        dropped = await self._drop_ahead()
+        await self._settle_quietly()
+        if dropped:
+            self.store.forget_first_pass()
 
     async def _first_pass(self, chunk: FirstPassChunk, pending: bool) -> None:
         """Send a chunk to its routes, then record the outcome and move the cursor past it.
 
-        The record runs on while the next step reads and sends the next chunk: a pipeline of
-        two. That chunk is recorded only after this one commits (its position follows on from
-        the one this record writes); should this record fail, that chunk is never recorded
-        and both are read again from the cursor and sent again (at-least-once, in order: the
-        broker sees a prefix once more). A chunk whose record queues work in
-        ``route_pending`` (a failure, a paused route, a lane) is waited for: the next chunk's
-        messages of those keys must see it and queue behind it.
+        A pipeline of three: while this chunk is sent, the next one is read (when this one
+        filled the batch size, or a NOTIFY came), and the record of the one before runs on;
+        this chunk's record runs on while the next step sends the next chunk. Sends stay one
+        at a time and in order. A chunk is recorded only after the one before it commits (its
+        position follows on from the one that record writes); should a record fail, the
+        chunks read after it are never recorded: they are read again from the cursor and
+        sent again (at-least-once, in order: the broker sees a prefix once more), and one
+        read but not yet sent is dropped. A chunk whose record queues work in
+        ``route_pending`` (a failure, a paused route, a lane) is waited for, and the chunk
+        read meanwhile is checked against that work whatever its probe said: its messages
+        of those keys must queue behind it.
         """
         try:
             sending, routes_of, verdicts = await self._start_first_pass(chunk.messages, pending)
+            if self._reads_ahead(chunk):
+                self._ahead = asyncio.ensure_future(self._read_chunk())
             self._judge_all(await sending, verdicts)
             plan = plan_first_pass(chunk.messages, verdicts, routes_of)
             await self._settle()  # the chunk before this one is recorded first
@@ -266,6 +329,7 @@ class Engine:
         self._recording = asyncio.ensure_future(self._record_first_pass(chunk, plan))
         if plan.fanned:
             await self._settle()
+            self._queued_meanwhile = self._ahead is not None
 
     async def _record_first_pass(self, chunk: FirstPassChunk, plan: RecordPlan) -> None:
         started = time.monotonic()

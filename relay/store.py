@@ -33,7 +33,7 @@ from . import __version__, pgarrays
 from .backoff import Backoff
 from .errors import RelayError, SchemaTooNewError
 from .plan import RecordPlan, Rows
-from .sinks.base import Outbound
+from .sinks.base import Outbound, new_outbound
 from .ticks import Batch, Tick, take_tick, tick
 from .tracing import Spans
 
@@ -154,7 +154,7 @@ def _message(
     created: dt.datetime,
     attempts: int,
 ) -> Outbound:
-    return Outbound(
+    return new_outbound(
         seq,
         id_,
         topic,
@@ -216,6 +216,14 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     pgarrays.register(conn)
 
 
+async def _moved_to(moving: psycopg.AsyncCursor[Any]) -> int:
+    """The new position's id, from :meth:`Store._move`'s cursor once its results are in."""
+    row = await moving.fetchone()
+    if row is None:
+        raise FirstPassLost("the first-pass cursor moved under this relay (bucket 0 changed hands)")
+    return int(row[0])
+
+
 class Store:
     """Claims and records work for one relay process."""
 
@@ -244,11 +252,14 @@ class Store:
         hold_seconds: float = 5.0,
         lanes: int = 0,
     ) -> Store:
-        """A pool of 4 connections, plus 2 per lane (one claims while the other records)."""
+        """A pool of 6 connections, plus 2 per lane (one claims while the other records).
+
+        The first pass uses up to four at once: a record, the next chunk's read, the
+        route_pending probe beside it, and the blocked-keys check of the chunk being sent."""
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
             min_size=1,
-            max_size=4 + 2 * lanes,
+            max_size=6 + 2 * lanes,
             open=False,
             kwargs={
                 # Every statement is its own transaction, without a BEGIN and a COMMIT
@@ -352,10 +363,18 @@ class Store:
             raise FirstPassStale("read before the record ahead of it failed; read again")
 
         async def record() -> int | None:
-            async with self._pool.connection() as conn, conn.transaction():
-                moved_to = await self._move(conn, position, chunk) if chunk.moves else None
+            # One pipeline: BEGIN, the move, the plan's statements, then one wait for their
+            # results; COMMIT only if the move found the cursor where this chunk follows on
+            # (else the transaction rolls back). Two round trips, not five or more.
+            async with (
+                self._pool.connection() as conn,
+                conn.pipeline() as pipeline,
+                conn.transaction(),
+            ):
+                moving = await self._move(conn, position, chunk) if chunk.moves else None
                 await self.write(conn, plan)
-            return moved_to
+                await pipeline.sync()
+                return await _moved_to(moving) if moving is not None else None
 
         try:
             # Should a commit have happened unseen, the next try finds the cursor moved.
@@ -369,8 +388,10 @@ class Store:
 
     async def _move(
         self, conn: psycopg.AsyncConnection[Any], position: Position, chunk: FirstPassChunk
-    ) -> int:
-        """Insert the next position; its id."""
+    ) -> psycopg.AsyncCursor[Any]:
+        """Insert the next position and forget the one it replaces (and the batch's start
+        tick once the batch is done); the cursor whose row is the new position's id, none
+        if the cursor moved under this relay (:func:`_moved_to`)."""
         params = {
             "prev": position.position_id,
             "start": chunk.start,
@@ -378,17 +399,16 @@ class Store:
             "after": chunk.after,
             "relay": self.relay_id,
         }
-        cur = await conn.execute(self._q["move_first_pass"], params)
-        row = await cur.fetchone()
-        if row is None:
-            raise FirstPassLost(
-                "the first-pass cursor moved under this relay (bucket 0 changed hands)"
-            )
+        moving = await conn.execute(self._q["move_first_pass"], params)
         done_tick = position.start if chunk.end is None else None
         await conn.execute(
             self._q["forget_first_pass_rows"], {"prev": position.position_id, "tick": done_tick}
         )
-        return int(row[0])
+        return moving
+
+    def current(self, chunk: FirstPassChunk) -> bool:
+        """Was ``chunk`` read since the last reset (it can still be recorded)?"""
+        return chunk.resets == self._resets
 
     def forget_first_pass(self) -> None:
         """Read the position from the database again next time (leadership changed, or a

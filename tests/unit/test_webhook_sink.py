@@ -437,3 +437,19 @@ def test_literal_ip_hosts_are_checked_without_resolving() -> None:
     with pytest.raises(BlockedAddressError, match="loopback"):
         asyncio.run(backend.connect_tcp("127.0.0.1", 80))
     assert recorder.connected == []
+
+
+def test_the_fast_outbound_constructor_builds_the_same_frozen_message() -> None:
+    import dataclasses
+    import datetime as dt
+    import uuid
+
+    from relay.sinks.base import Outbound, new_outbound
+
+    values = (7, uuid.uuid4(), "t", b"k", b"{}", "application/json", (("h", b"v"),), "idem",
+              dt.datetime.now(dt.UTC), 2)  # fmt: skip
+    built = new_outbound(*values)
+    assert built == Outbound(*values)
+    assert [getattr(built, f.name) for f in dataclasses.fields(Outbound)] == list(values)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.seq = 8  # type: ignore[misc]
