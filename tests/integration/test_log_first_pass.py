@@ -37,6 +37,13 @@ def _publish(conn: psycopg.Connection, numbers: range) -> None:
         )
 
 
+def _commit_and_deliver(url: str, relay: RelayThread, count: int) -> None:
+    """Publish messages 0 to ``count`` - 1 in one transaction; wait until all are delivered."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        _publish(conn, range(count))
+    relay.wait_delivered(count, timeout=20)
+
+
 def _each_once_in_key_order(sink: ScriptedSink, count: int) -> None:
     assert sorted(n for _, n in sink.delivered) == list(range(count)), "each once, none skipped"
     for key, numbers in sink.order_by_key().items():
@@ -222,11 +229,14 @@ def test_a_database_error_between_read_and_record_reads_the_chunk_again(url: str
             return await start(messages, pending)
 
         engine._start_first_pass = fail_once  # type: ignore[method-assign]
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            _publish(conn, range(30))
-        relay.wait_delivered(30, timeout=20)
+        _commit_and_deliver(url, relay, 30)
     assert failed, "the chunk starting at message 10 failed once"
     _each_once_in_key_order(sink, 30)
+
+
+def _five_fails_once(n: int, attempt: int) -> Result:
+    """Message 5's first attempt fails (to be retried); everything else is delivered."""
+    return Failed("retry", "flaky", "try later") if n == 5 and attempt == 1 else Delivered()
 
 
 def _slow_record(store: Any, first_n: int, seconds: float, fail: bool = False) -> list[int]:
@@ -270,9 +280,7 @@ def test_the_next_chunk_is_sent_while_the_one_before_is_recorded(url: str) -> No
             return await send(route, batch)
 
         sink.send = noting  # type: ignore[method-assign]
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            _publish(conn, range(30))
-        relay.wait_delivered(30, timeout=20)
+        _commit_and_deliver(url, relay, 30)
         wait_until(lambda: len(recorded) == 30, 10, "every record")
     assert sent_during == [10], "messages 20-29 went out while 10-19 were being recorded"
     assert recorded == sorted(recorded), "chunks are recorded in the order read"
@@ -341,9 +349,7 @@ def test_a_failed_read_while_a_record_runs_loses_nothing(url: str) -> None:
 
         store.record_first_pass = noting
         store.read_first_pass = fail_once  # type: ignore[method-assign]
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            _publish(conn, range(40))
-        relay.wait_delivered(40, timeout=20)
+        _commit_and_deliver(url, relay, 40)
     assert failed == [True], "the read of the chunk starting at message 20 failed mid-record"
     _each_once_in_key_order(sink, 40)
 
@@ -353,16 +359,11 @@ def test_a_chunk_that_queues_a_retry_is_recorded_before_the_next_is_sent(url: st
     while the next chunk goes out: that chunk's messages of the failed key must see the
     retry and queue behind it."""
 
-    def decide(n: int, attempt: int) -> Result:
-        return Failed("retry", "flaky", "try later") if n == 5 and attempt == 1 else Delivered()
-
-    sink = ScriptedSink(decide)
+    sink = ScriptedSink(_five_fails_once)
     with relay_with(url, runtime("r", sink), batch_size=10) as relay:
         assert relay.engine is not None
         _slow_record(relay.engine.store, 0, 0.3)
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            _publish(conn, range(30))
-        relay.wait_delivered(30, timeout=20)
+        _commit_and_deliver(url, relay, 30)
     assert sink.attempts[5] == 2
     _each_once_in_key_order(sink, 30)
 
@@ -400,17 +401,24 @@ def _noting_reads(store: Any, events: list[str]) -> None:
     store.read_first_pass = noting
 
 
+def _sends_and_reads(
+    url: str, sink: ScriptedSink, slow: int, seconds: float, count: int
+) -> list[str]:
+    """Deliver ``count`` messages, committed at once, in chunks of 10, the send of the one
+    starting at message ``slow`` taking ``seconds``: that send's and every read's events."""
+    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
+        assert relay.engine is not None
+        events = _slow_send(sink, slow, seconds)
+        _noting_reads(relay.engine.store, events)
+        _commit_and_deliver(url, relay, count)
+    return events
+
+
 def test_the_next_chunk_is_read_while_one_is_sent(url: str) -> None:
     """A pipeline of three: while a chunk is sent, the next is read (and the one before is
     recorded). Sends stay one at a time and in order."""
     sink = ScriptedSink(ok)
-    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
-        assert relay.engine is not None
-        events = _slow_send(sink, 10, 0.5)
-        _noting_reads(relay.engine.store, events)
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            _publish(conn, range(40))
-        relay.wait_delivered(40, timeout=20)
+    events = _sends_and_reads(url, sink, 10, 0.5, 40)
     during = events[events.index("send 10 begins") + 1 : events.index("send 10 ends")]
     assert during == ["read 20"], events
     _each_once_in_key_order(sink, 40)
@@ -421,17 +429,8 @@ def test_a_chunk_read_while_the_one_before_fails_queues_behind_the_retry(url: st
     anything before that send failed (it did not): its messages of the failed key must
     still queue behind the retry, never go out ahead of it."""
 
-    def decide(n: int, attempt: int) -> Result:
-        return Failed("retry", "flaky", "try later") if n == 5 and attempt == 1 else Delivered()
-
-    sink = ScriptedSink(decide)
-    with relay_with(url, runtime("r", sink), batch_size=10) as relay:
-        assert relay.engine is not None
-        events = _slow_send(sink, 0, 0.3)
-        _noting_reads(relay.engine.store, events)
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            _publish(conn, range(30))
-        relay.wait_delivered(30, timeout=20)
+    sink = ScriptedSink(_five_fails_once)
+    events = _sends_and_reads(url, sink, 0, 0.3, 30)
     assert events.index("read 10") < events.index("send 0 ends"), events
     assert sink.attempts[5] == 2
     order = sink.order_by_key()["k0"]
@@ -443,10 +442,7 @@ def test_a_database_error_while_a_chunk_is_read_ahead_skips_nothing(url: str) ->
     """The retry pass fails (the database went away) while the next chunk is already read:
     that chunk is dropped and read again from the cursor, never skipped."""
 
-    def decide(n: int, attempt: int) -> Result:
-        return Failed("retry", "flaky", "try later") if n == 5 and attempt == 1 else Delivered()
-
-    sink = ScriptedSink(decide)
+    sink = ScriptedSink(_five_fails_once)
     with relay_with(url, runtime("r", sink), batch_size=10) as relay:
         assert relay.engine is not None
         engine, store = relay.engine, relay.engine.store
@@ -461,8 +457,6 @@ def test_a_database_error_while_a_chunk_is_read_ahead_skips_nothing(url: str) ->
             return await claim(*args, **kwargs)
 
         store.claim_retry_pass = fail_once  # type: ignore[method-assign]
-        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
-            _publish(conn, range(40))
-        relay.wait_delivered(40, timeout=20)
+        _commit_and_deliver(url, relay, 40)
     assert failed == [True], "the retry pass failed while a chunk was read ahead"
     _each_once_in_key_order(sink, 40)
