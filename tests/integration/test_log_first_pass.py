@@ -17,7 +17,9 @@ import pytest
 import outbox_lib
 import outbox_lib.alembic
 from relay.config import Route
+from relay.plan import plan_first_pass
 from relay.sinks.base import Delivered, Failed, Outbound, Result
+from relay.store import FirstPassLost, Store
 from tests.harness.relay import RelayThread, scalar, settings_for, wait_until
 from tests.harness.webhook import WebhookServer, new_secret
 from tests.integration.pg_helpers import fetch, sync_engine
@@ -460,3 +462,47 @@ def test_a_database_error_while_a_chunk_is_read_ahead_skips_nothing(url: str) ->
         _commit_and_deliver(url, relay, 40)
     assert failed == [True], "the retry pass failed while a chunk was read ahead"
     _each_once_in_key_order(sink, 40)
+
+
+def test_a_record_whose_cursor_moved_commits_nothing_of_its_chunk(url: str) -> None:
+    """The record checks, in its own transaction, that this relay still holds bucket 0 and
+    the cursor is where the chunk follows on: when not (the bucket changed hands while the
+    chunk was sent), it rolls back whole. No message leaves the outbox, no delivery is
+    written, and the relay that holds bucket 0 now sends them. Once it holds bucket 0 again,
+    the same record commits."""
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        _publish(conn, range(5))
+    hold = (
+        "INSERT INTO outbox.relay (relay_id, host, pid, expires_at) "
+        "VALUES ('r1', 'h', 1, now() + interval '1 minute'); "
+        "UPDATE outbox.bucket_lease SET holder = 'r1' WHERE bucket = 0"
+    )
+
+    async def record_twice() -> type[Exception] | None:
+        store = Store.create(url, "outbox", "r1")
+        await store.open()
+        try:
+            chunk = await store.read_first_pass(10)
+            verdicts: dict[tuple[int, str], Any] = {
+                (m.seq, "r"): Delivered(0, i) for i, m in enumerate(chunk.messages)
+            }
+            plan = plan_first_pass(chunk.messages, verdicts, {m.seq: ["r"] for m in chunk.messages})
+            lost: type[Exception] | None = None
+            try:
+                await store.record_first_pass(chunk, plan)
+            except FirstPassLost as exc:
+                lost = type(exc)
+            assert scalar(url, "SELECT count(*) FROM outbox.message") == 5
+            assert scalar(url, "SELECT count(*) FROM outbox.delivery") == 0
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(hold)
+            store.forget_first_pass()
+            chunk = await store.read_first_pass(10)
+            await store.record_first_pass(chunk, plan)
+            return lost
+        finally:
+            await store.close()
+
+    assert asyncio.run(record_twice()) is FirstPassLost
+    assert scalar(url, "SELECT count(*) FROM outbox.message") == 0
+    assert scalar(url, "SELECT count(*) FROM outbox.delivery") == 5
