@@ -132,7 +132,7 @@ class Engine:
                 except DB_ERRORS as exc:
                     failures += 1
                     log.warning("database unavailable (%s); retrying", one_line(exc))
-                    await self._quiesce()
+                    await self._stop_reading(quietly=True)
                     await wait_any(stop, None, OUTAGE_BACKOFF.delay(failures))
                     continue
                 # A NOTIFY during the step, or a chunk read ahead, means more to read now: no
@@ -143,7 +143,7 @@ class Engine:
                         await wait_any(stop, wake, await self._idle_timeout())
         finally:
             stop.set()
-            await self._quiesce()
+            await self._stop_reading(quietly=True)
             # Lanes finish their requests in flight (up to the shutdown grace) and record.
             await asyncio.gather(*lanes, return_exceptions=True)
             for task in tasks:
@@ -244,11 +244,12 @@ class Engine:
         await self._stop_reading()
         return False
 
-    async def _stop_reading(self) -> None:
+    async def _stop_reading(self, *, quietly: bool = False) -> None:
         """Nothing of the first pass in flight: the chunk read ahead is dropped, the record
-        is waited for, and the next read starts from the cursor in the database."""
+        is waited for (``quietly``, after a failure or on the way out: whatever it raises is
+        logged), and the next read starts from the cursor in the database."""
         await self._drop_ahead()
-        await self._settle()
+        await (self._settle_quietly() if quietly else self._settle())
         self.store.forget_first_pass()
 
     async def _read_chunk(self) -> tuple[FirstPassChunk, bool]:
@@ -279,26 +280,17 @@ class Engine:
             return True
         return self._wake is not None and self._wake.is_set()
 
-    async def _drop_ahead(self) -> bool:
-        """Wait for the read ahead, if any, and drop it; was there one? The store's reading
-        has moved past it: the caller makes the next read start from the cursor again."""
+    async def _drop_ahead(self) -> None:
+        """Wait for the read ahead, if any, and drop it. The store's reading has moved past
+        it: the caller makes the next read start from the cursor again."""
         ahead, self._ahead = self._ahead, None
         self._queued_meanwhile = False
         if ahead is None:
-            return False
+            return
         try:
             await ahead
         except Exception as exc:  # noqa: BLE001 - nothing of it was sent
             log.debug("first pass: the read ahead failed (%s)", one_line(exc))
-        return True
-
-    async def _quiesce(self) -> None:
-        """After a failure, or on the way out: nothing of the first pass in flight, and the
-        next read from the cursor in the database if a chunk read ahead was dropped."""
-        dropped = await self._drop_ahead()
-        await self._settle_quietly()
-        if dropped:
-            self.store.forget_first_pass()
 
     async def _first_pass(self, chunk: FirstPassChunk, pending: bool) -> None:
         """Send a chunk to its routes, then record the outcome and move the cursor past it.
